@@ -1,0 +1,3 @@
+from apexctl.cli import main
+
+main()

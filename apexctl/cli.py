@@ -1,0 +1,178 @@
+"""The ``apexctl`` command line: parse, validate, call the engine. Errors: one line, exit 2 (input) or 1 (runtime)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from apexctl.errors import ApexError, BadInput
+
+app = typer.Typer(
+    help="APEX one-step distillation for text-to-image flow models: prepare → distill → sample → eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+eval_app = typer.Typer(help="Score a model: digits (the embedded default).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML (see recipes/)", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a recipe value, e.g. --set train.steps=100 (repeatable)"),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _fail(exc: ApexError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def handle_errors(fn):
+    """Turn ApexError/BadInput into a one-line message and its exit code; never a traceback for bad input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ApexError as exc:
+            raise _fail(exc) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _recipe(path: Path, overrides: list[str] | None):
+    from apexctl.recipe import load_recipe
+
+    return load_recipe(path, overrides or [])
+
+
+@app.command()
+@handle_errors
+def prepare(recipe: RecipeArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Encode the recipe's data source (prompts + images) once into the latent cache (data.cache_dir)."""
+    from apexctl.data.prepare import prepare as run_prepare
+
+    r = _recipe(recipe, set_)
+    out = run_prepare(r, quiet=quiet)
+    m = json.loads((out / "manifest.json").read_text())
+    typer.echo(f"cache {out}: {m['num_images']} images, {m['num_prompts']} prompts, {m['num_pairs']} pairs, latents {m['latent_shape']}")
+
+
+@app.command()
+@handle_errors
+def distill(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate the recipe and print the plan; train nothing")] = False,
+    resume: Annotated[
+        Optional[str], typer.Option("--resume", help="'auto' (newest complete checkpoint in the run) or a checkpoint folder")
+    ] = None,
+    until: Annotated[
+        Optional[int], typer.Option("--until", min=1, help="stop after this step (checkpointed); continue later with --resume auto")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train with the recipe's objective (apex, apex_paper, flow_matching) from the latent cache."""
+    r = _recipe(recipe, set_)
+    if dry_run:
+        from apexctl.plan import describe_plan
+
+        typer.echo(describe_plan(r))
+        return
+    from apexctl.engine.trainer import train
+
+    run = train(r, resume=resume, until=until, quiet=quiet)
+    typer.echo(f"run {run}: " + ("model saved to " + str(run / "model") if (run / "model").is_dir() else "checkpointed"))
+
+
+def _newest_run(root: Path = Path("runs")) -> Path:
+    runs = [p for p in root.glob("*") if (p / "model").is_dir()] if root.is_dir() else []
+    if not runs:
+        raise BadInput(f"no trained model found under ./{root}; pass --model FOLDER or --recipe RECIPE")
+    return max(runs, key=lambda p: (p / "model").stat().st_mtime)
+
+
+@app.command()
+@handle_errors
+def sample(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="prompts to draw", show_default=False)] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="text file, one prompt per line")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="use this recipe's trained model (output.dir/model)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="model folder, hub id or tiny:<preset>")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="sampling steps (default: recipe sample.steps)")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="auto | one | few | euler")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="classifier-free guidance scale")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="first seed; image k of a prompt uses seed + k")] = 0,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="images per prompt")] = 4,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default RUN/samples)")] = None,
+    size: Annotated[Optional[int], typer.Option("--size", min=8, help="image height = width in pixels")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate images (PNG per image + grid.png). Model: --model, --recipe, or the newest run under ./runs."""
+    from apexctl.sampling import run_sample
+
+    texts = list(prompts or [])
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise BadInput(f"--prompts-file {prompts_file}: no such file")
+        texts += [ln.strip() for ln in prompts_file.read_text().splitlines() if ln.strip()]
+    if not texts:
+        raise BadInput("no prompts: give them as arguments or with --prompts-file")
+    if method is not None and method not in ("auto", "one", "few", "euler"):
+        raise BadInput(f"--method {method!r}: expected one of auto, one, few, euler")
+    r = _recipe(recipe, set_) if recipe is not None else None
+    if r is None and model is None:
+        run = _newest_run()
+        model = str(run / "model")
+        if (run / "recipe.yaml").is_file():
+            r = _recipe(run / "recipe.yaml", set_)
+    folder = run_sample(
+        texts, recipe=r, model=model, steps=steps, method=method, guidance=guidance, seed=seed,
+        num_images=num_images, out=out, size=size, quiet=quiet,
+    )
+    typer.echo(f"wrote {len(texts) * num_images} images and grid.png to {folder}")
+
+
+@eval_app.command("digits")
+@handle_errors
+def eval_digits(
+    recipe: Annotated[Path, typer.Option("--recipe", help="the student's recipe (teacher = model.path, student = output.dir/model)")] = Path(
+        "recipes/digits.yaml"
+    ),
+    per_prompt: Annotated[int, typer.Option("--per-prompt", min=2, help="images per evaluation prompt")] = 100,
+    teacher_steps: Annotated[int, typer.Option("--teacher-steps", min=1, help="Euler steps of the multi-step teacher row")] = 50,
+    student_steps: Annotated[Optional[list[int]], typer.Option("--student-steps", help="student rows (repeatable)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default RUN/eval/digits)")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Prompt alignment (single-digit and multi-mode prompts), Fréchet distance and diversity: teacher vs student."""
+    from apexctl.eval.run_digits import run_eval_digits
+
+    r = _recipe(recipe, set_)
+    run_eval_digits(r, per_prompt=per_prompt, teacher_steps=teacher_steps, student_steps=student_steps or [1], out=out, quiet=quiet)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except ApexError as exc:  # errors raised outside a command body
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The APEX method, independent of any model family (DESIGN §5)."""

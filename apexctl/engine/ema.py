@@ -1,0 +1,50 @@
+"""Exponential moving average of trained parameters: ``θ̄ ← d·θ̄ + (1−d)·θ``.
+
+The shadow weights live beside the model (fp32); ``swapped()`` puts them into the model for a forward pass (the
+``ema`` reference of the ``apex`` objective, or an export) and restores the live weights after, so no second copy
+of the network is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params, strict=True):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(live, self.params, strict=True):
+                    p.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError("EMA state does not match the trained parameters")
+        self.decay = float(state["decay"])
+        self.shadow = [s.to(p.device).float() for s, p in zip(state["shadow"], self.params, strict=True)]

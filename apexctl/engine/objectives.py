@@ -1,0 +1,181 @@
+"""Training objectives (DESIGN §5.2–5.4). Each returns the total loss and every term by name.
+
+Notation: F(x_t, t, c) is the network; ``c_fake`` is the shifted condition (engine/shift.py); sg = stop-gradient.
+Every squared error is averaged over all dims and the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from apexctl.engine.flow import TimeSampler, interpolate, loss_weight, mse_per_row, velocity_target
+from apexctl.engine.shift import ConditionShift
+from apexctl.models.base import Backbone, Cond
+
+
+@dataclass
+class Net:
+    """F with an optional condition shift on some rows: ``net(x_t, t, c, fake=mask)``."""
+
+    backbone: Backbone
+    shift: ConditionShift
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, fake: torch.Tensor | None = None) -> torch.Tensor:
+        if fake is not None and self.shift.site == "embeddings":
+            cond = cond.with_embeds(self.shift.transform(cond.embeds, fake))
+        with self.shift.applied(self.backbone.condition_site(), fake):
+            return self.backbone.velocity(x_t, t, cond)
+
+
+#: F_ref(u, s, c): the reference branch of ``apex`` (no grad), provided by the trainer (self | ema | base)
+Reference = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return mse_per_row(pred, target).mean()
+
+
+def _all(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.bool, device=device)
+
+
+@dataclass(frozen=True)
+class FlowMatchingConfig:
+    time: TimeSampler = TimeSampler()
+
+
+def flow_matching(net: Net, x: torch.Tensor, cond: Cond, cfg: FlowMatchingConfig, generator: torch.Generator | None = None) -> LossOut:
+    """L = ‖F(x_t, t, c) − (z − x)‖², t ~ p(t)."""
+    z = torch.randn(x.shape, generator=generator).to(x)
+    t = cfg.time(x.shape[0], x.device, generator)
+    loss = _mse(net(interpolate(x, z, t), t, cond), velocity_target(x, z))
+    return LossOut(loss, {"fm": loss.detach()})
+
+
+@dataclass(frozen=True)
+class ApexConfig:
+    """Knobs of ``apex`` (DESIGN §5.2). ``fm_time`` carries fm_t_max; ``critic_time`` is p(s)."""
+
+    fm_time: TimeSampler = TimeSampler(t_max=0.9)
+    critic_time: TimeSampler = TimeSampler()
+    fm_weight: float = 1.0
+    fake_weight: float = 1.0  # λ_p
+    rectify_weight: float = 0.5  # μ
+    delta_clip: float | None = 1.0  # δ; None = no clamp
+
+
+def apex(
+    net: Net,
+    x: torch.Tensor,
+    cond: Cond,
+    cfg: ApexConfig,
+    reference: Reference | None = None,
+    generator: torch.Generator | None = None,
+) -> LossOut:
+    """The shifted branch as the model's own critic::
+
+        x̂      = z − F(z, 1, c)
+        u      = s·z2 + (1−s)·sg(x̂),  s ~ p(s)
+        L_fake = ‖F(u, s, c_fake) − (z2 − sg(x̂))‖²
+        Δ      = sg(clamp(F(u, s, c_fake) − F_ref(u, s, c), −δ, δ))
+        L_rect = ‖F(z, 1, c) − sg(F(z, 1, c) − Δ)‖²      (gradient 2Δ/numel on F(z, 1, c): x̂ moves by +Δ)
+        L_fm   = ‖F(x_t, t, c) − (z − x)‖²,  t ~ p(t) on [0, fm_t_max]
+        L      = w_fm·L_fm + λ_p·L_fake + μ·L_rect
+
+    ``reference`` defaults to the current network without gradient (``self``).
+    """
+    B, dev = x.shape[0], x.device
+    z = torch.randn(x.shape, generator=generator).to(x)
+    z_fm = torch.randn(x.shape, generator=generator).to(x)
+    t_fm = cfg.fm_time(B, dev, generator).to(x.dtype)
+    x_t = interpolate(x, z_fm, t_fm)
+
+    # generator rows and FM rows share one forward pass
+    v = net(torch.cat([z, x_t]), torch.cat([torch.ones_like(t_fm), t_fm]), Cond.cat([cond, cond]))
+    f_gen, f_fm = v[:B], v[B:]
+    loss_fm = _mse(f_fm, velocity_target(x, z_fm))
+
+    x_hat = (z - f_gen).detach()
+    s = cfg.critic_time(B, dev, generator).to(x.dtype)
+    z2 = torch.randn(x.shape, generator=generator).to(x)
+    u = interpolate(x_hat, z2, s)
+    f_fake = net(u, s, cond, fake=_all(B, dev))
+    loss_fake = _mse(f_fake, velocity_target(x_hat, z2))
+
+    with torch.no_grad():
+        f_ref = reference(u, s, cond) if reference is not None else net(u, s, cond)
+        delta = f_fake.detach() - f_ref
+        if cfg.delta_clip is not None:
+            delta = delta.clamp(-cfg.delta_clip, cfg.delta_clip)
+    loss_rect = _mse(f_gen, (f_gen - delta).detach())
+
+    loss = cfg.fm_weight * loss_fm + cfg.fake_weight * loss_fake + cfg.rectify_weight * loss_rect
+    return LossOut(
+        loss,
+        {
+            "fm": loss_fm.detach(),
+            "fake": loss_fake.detach(),
+            "rect": loss_rect.detach(),
+            "delta_abs": delta.abs().mean(),
+        },
+    )
+
+
+@dataclass(frozen=True)
+class ApexPaperConfig:
+    """Knobs of ``apex_paper`` (DESIGN §5.3)."""
+
+    time: TimeSampler = TimeSampler(one_step_prob=0.25)
+    fake_weight: float = 1.0  # λ_p
+    mix_weight: float = 1.0  # λ_e
+    lambda_mix: float = 0.5  # inner λ
+    fake_grad: bool = True
+    fake_noise: Literal["fresh", "shared"] = "fresh"
+    weighting: Literal["paper", "uniform"] = "paper"
+    weight_max: float = 10.0
+
+
+def apex_paper(net: Net, x: torch.Tensor, cond: Cond, cfg: ApexPaperConfig, generator: torch.Generator | None = None) -> LossOut:
+    """The paper's equations as written::
+
+        x_t    = t·z + (1−t)·x;  F_real = F(x_t, t, c)
+        x_fake = x_t − t·F_real                       (detached unless fake_grad)
+        xf_t   = t'·z' + (1−t')·x_fake                 (t', z' fresh, or t, z when fake_noise = shared)
+        L_fake = ‖F(xf_t, t', c_fake) − (z' − x_fake)‖²
+        v_fake = sg(F(x_t, t, c_fake))
+        L_mix  = w(t)·‖F_real − ((1−λ)(z − x) + λ·v_fake)‖²
+        L      = λ_p·L_fake + λ_e·L_mix
+    """
+    B, dev = x.shape[0], x.device
+    fake = _all(B, dev)
+    z = torch.randn(x.shape, generator=generator).to(x)
+    t = cfg.time(B, dev, generator).to(x.dtype)
+    x_t = interpolate(x, z, t)
+    f_real = net(x_t, t, cond)
+    x_fake = x_t - t.reshape(-1, *([1] * (x.dim() - 1))) * f_real
+    if not cfg.fake_grad:
+        x_fake = x_fake.detach()
+    if cfg.fake_noise == "shared":
+        t2, z2 = t, z
+    else:
+        t2 = cfg.time(B, dev, generator).to(x.dtype)
+        z2 = torch.randn(x.shape, generator=generator).to(x)
+    f_fake = net(interpolate(x_fake, z2, t2), t2, cond, fake=fake)
+    loss_fake = _mse(f_fake, velocity_target(x_fake, z2))
+    with torch.no_grad():
+        v_fake = net(x_t, t, cond, fake=fake)
+    target = (1.0 - cfg.lambda_mix) * velocity_target(x, z) + cfg.lambda_mix * v_fake
+    w = loss_weight(t, cfg.weighting, cfg.weight_max)
+    loss_mix = (w * mse_per_row(f_real, target)).mean()
+    loss = cfg.fake_weight * loss_fake + cfg.mix_weight * loss_mix
+    return LossOut(loss, {"fake": loss_fake.detach(), "mix": loss_mix.detach(), "w_mean": w.mean().detach()})

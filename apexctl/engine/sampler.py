@@ -1,0 +1,104 @@
+"""Samplers in our convention (DESIGN §3, §5.5): t = 1 is noise, ``x̂ = x_t − t·F``, ``ẑ = x_t + (1−t)·F``.
+
+- ``one_step``:  x = z − F(z, 1, c)
+- ``few_step``:  times 1 = t_0 > … > t_N = 0; x̂ = x_t − t·F, then re-noise to the next time with fresh noise
+  (``stochastic``) or the model's own ẑ (``deterministic``).
+- ``euler``:     the teacher: x ← x + (σ_{i+1} − σ_i)·v on the family's native σ schedule, with classifier-free
+  guidance combined the way the family's stock pipeline does it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from apexctl.models.base import Backbone, Cond
+
+Renoise = Literal["stochastic", "deterministic"]
+
+
+def _t(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((like.shape[0],), float(value), device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def one_step(backbone: Backbone, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """x = z − F(z, 1, c)."""
+    return z - backbone.velocity(z, _t(1.0, z), cond)
+
+
+@torch.no_grad()
+def few_step(
+    backbone: Backbone,
+    z: torch.Tensor,
+    cond: Cond,
+    steps: int,
+    renoise: Renoise = "stochastic",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """N endpoint predictions on the uniform grid t_i = 1 − i/N, re-noised between them."""
+    times = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    x = z
+    x_hat = z
+    for t, t_next in zip(times[:-1], times[1:], strict=True):
+        v = backbone.velocity(x, _t(t, x), cond)
+        x_hat = x - t * v
+        if t_next <= 0.0:
+            break
+        if renoise == "deterministic":
+            eps = x + (1.0 - t) * v
+        else:
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = t_next * eps + (1.0 - t_next) * x_hat
+    return x_hat
+
+
+@torch.no_grad()
+def euler(
+    backbone: Backbone,
+    z: torch.Tensor,
+    cond: Cond,
+    steps: int,
+    uncond: Cond | None = None,
+    guidance_scale: float = 1.0,
+    sigmas: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-step Euler on ``backbone.teacher_sigmas`` (or the given ``sigmas``, length steps + 1, ending at 0)."""
+    if sigmas is None:
+        sigmas = backbone.teacher_sigmas(steps, tuple(z.shape[1:]))
+    guided = uncond is not None and guidance_scale > 1.0
+    both = Cond.cat([cond, uncond]) if guided else cond
+    x = z
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if guided:
+            v_both = backbone.velocity(torch.cat([x, x]), _t(s, torch.cat([x, x])), both)
+            v_c, v_u = v_both.chunk(2)
+            v = backbone.guidance_combine(v_c, v_u, guidance_scale)
+        else:
+            v = backbone.velocity(x, _t(s, x), cond)
+        # keep the arithmetic in fp32 like diffusers' FlowMatchEulerDiscreteScheduler.step
+        x = (x.float() + (s_next - s) * v.float()).to(z.dtype)
+    return x
+
+
+def generate(
+    backbone: Backbone,
+    z: torch.Tensor,
+    cond: Cond,
+    steps: int,
+    method: Literal["auto", "one", "few", "euler"] = "auto",
+    uncond: Cond | None = None,
+    guidance_scale: float = 1.0,
+    renoise: Renoise = "stochastic",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One entry point: ``auto`` is one-step for 1 step and Euler otherwise."""
+    if method == "auto":
+        method = "one" if steps == 1 and guidance_scale <= 1.0 else "euler"
+    if method == "one":
+        return one_step(backbone, z, cond)
+    if method == "few":
+        return few_step(backbone, z, cond, steps, renoise, generator)
+    return euler(backbone, z, cond, steps, uncond=uncond, guidance_scale=guidance_scale)

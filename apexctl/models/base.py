@@ -1,0 +1,200 @@
+"""The Backbone interface: what the engine needs from a model family (DESIGN §4).
+
+Conventions (DESIGN §3): time ``t ∈ [0, 1]`` with ``t = 1`` pure noise; ``x_t = t·z + (1−t)·x``; the network
+predicts the velocity ``v = z − x``. Latents are ``[B, C, H, W]`` after the family's own normalisation.
+An adapter translates to its family's native layout (packing), timestep scale and velocity sign.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Cond:
+    """Encoded prompts. ``embeds [B, L, D]``, ``mask [B, L]`` (1 = token, 0 = padding), optional ``pooled [B, P]``.
+
+    Indexable and concatenable along the batch, so the engine can mix real, fake and unconditional rows in one
+    forward pass.
+    """
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def __getitem__(self, idx) -> Cond:
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return Cond(
+            **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx]) for f in fields(self)}
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
+        """Move to ``device``; cast floating tensors (not the mask) to ``dtype``."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                v = v.to(
+                    device=device,
+                    dtype=dtype if (dtype is not None and v.is_floating_point() and f.name != "mask") else None,
+                )
+            out[f.name] = v
+        return Cond(**out)
+
+    def repeat(self, n: int) -> Cond:
+        """Each row repeated ``n`` times in place (row i → rows i·n … i·n+n−1)."""
+        return Cond(
+            **{
+                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).repeat_interleave(n, dim=0))
+                for f in fields(self)
+            }
+        )
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        """Concatenate along the batch, right-padding token dimensions to the longest (mask 0 on padding)."""
+        L = max(c.embeds.shape[1] for c in conds)
+        embeds, masks = [], []
+        for c in conds:
+            b, length, d = c.embeds.shape
+            mask = c.mask if c.mask is not None else torch.ones(b, length, dtype=torch.long, device=c.embeds.device)
+            pad = L - length
+            embeds.append(torch.cat([c.embeds, c.embeds.new_zeros(b, pad, d)], 1) if pad else c.embeds)
+            masks.append(torch.cat([mask, mask.new_zeros(b, pad)], 1) if pad else mask)
+        pooled = None
+        if all(c.pooled is not None for c in conds):
+            pooled = torch.cat([c.pooled for c in conds])
+        elif any(c.pooled is not None for c in conds):
+            raise ValueError("cannot concatenate Cond rows with and without pooled embeddings")
+        return Cond(torch.cat(embeds), torch.cat(masks), pooled)
+
+    def with_embeds(self, embeds: torch.Tensor) -> Cond:
+        return replace(self, embeds=embeds)
+
+
+class Backbone(ABC, nn.Module):
+    """A model family behind one small interface. ``transformer`` is the trainable denoiser F.
+
+    Subclasses hold the stock diffusers/transformers components and implement the conversions. The engine never
+    touches a family's native layout or timestep scale.
+    """
+
+    family: str = "base"
+    #: default LoRA target module names for this family
+    lora_targets: list[str] = []
+
+    transformer: nn.Module
+
+    # -- loading / saving ---------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        load_text_encoder: bool = True,
+        load_codec: bool = True,
+    ) -> Backbone:
+        """Load from a local diffusers-style folder or a hub id."""
+
+    @abstractmethod
+    def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
+        """Write a complete model folder that ``from_pretrained`` (and, where the family has one, the stock diffusers
+        pipeline) loads. Frozen components may be hard-linked from ``source``."""
+
+    # -- conditioning --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Text → Cond, exactly as the family's stock pipeline encodes prompts."""
+
+    @abstractmethod
+    def condition_site(self) -> nn.Module:
+        """The module inside the denoiser whose output is the text condition the shift applies to."""
+
+    def condition_dim(self) -> int:
+        """Feature size at ``condition_site()`` (for a ``diag`` shift)."""
+        site = self.condition_site()
+        return int(site.out_features)  # type: ignore[union-attr]
+
+    @property
+    def embed_dim(self) -> int:
+        """Feature size of ``Cond.embeds`` (the text encoder's output)."""
+        raise NotImplementedError
+
+    # -- images <-> latents --------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [−1, 1] → normalised latents ``[B, C, h, w]``."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → ``[B, 3, H, W]`` in [−1, 1] (not clamped)."""
+
+    @abstractmethod
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of the latents for an image of ``height × width`` pixels."""
+
+    # -- the denoiser --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """F(x_t, t, c) in our convention: ``x_t [B, C, h, w]``, ``t [B]`` in [0, 1] → ``v ≈ z − x``."""
+
+    def guidance_combine(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance as the family's stock pipeline combines it (plain CFG by default)."""
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    @abstractmethod
+    def teacher_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """The family's native Euler schedule: ``num_steps + 1`` times from 1 (noise) down to 0, as its pipeline uses."""
+
+    def set_forward_module(self, module: nn.Module | None) -> None:
+        """Route forward passes through ``module`` (e.g. the DDP/FSDP-wrapped transformer); None restores it.
+
+        Stored outside nn.Module's registry so the wrapper is not saved as a second copy of the weights.
+        """
+        object.__setattr__(self, "_forward_module", module)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The module to call for F (the wrapped transformer during distributed training)."""
+        return self.__dict__.get("_forward_module") or self.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+
+class PixelCodec(nn.Module):
+    """Identity "codec" for pixel-space models (the embedded digits default): latents are the pixels in [−1, 1].
+
+    ``channels == 1``: encode = mean over RGB, decode repeats the channel 3 times; ``channels == 3``: identity.
+    Saved as ``apexctl_codec.json`` ``{"type": "pixel", "channels": C}`` in place of a ``vae/`` folder.
+    """
+
+    CONFIG_NAME = "apexctl_codec.json"
+
+    def __init__(self, channels: int = 1):
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"pixel codec channels must be 1 or 3, got {channels}")
+        self.channels = channels
+
+    def config(self) -> dict:
+        return {"type": "pixel", "channels": self.channels}
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=1, keepdim=True) if self.channels == 1 else images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.repeat(1, 3, 1, 1) if self.channels == 1 else latents

@@ -1,0 +1,225 @@
+"""Recipes: typed, strict (unknown keys are errors), loaded from YAML with ``--set a.b=value`` overrides.
+
+Sections: model, data, method, train, hardware, sample, output. Every bad value becomes a one-line
+:class:`~apexctl.errors.BadInput` naming the file, the key path, the value and what is allowed (exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from apexctl.errors import BadInput
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="local model folder, hub id, or tiny:<preset> (built in code, no download)")
+    family: Literal["auto", "qwen_image"] = "auto"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class DataSpec(_Strict):
+    source: Literal["digits"] = "digits"
+    cache_dir: str = "cache/digits"
+    resolution: int = Field(8, gt=0)
+    holdout: int = Field(397, gt=0, description="held-out real images for evaluation (digits)")
+    cond_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability a training prompt is replaced by ''")
+    seed: int = 0
+
+
+class TimeSpec(_Strict):
+    kind: Literal["uniform", "logit_normal", "beta"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    beta_a: float = Field(1.0, gt=0)
+    beta_b: float = Field(1.0, gt=0)
+    one_step_prob: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class ShiftSpec(_Strict):
+    a: float = -1.0
+    b: float = 0.0
+    mode: Literal["scalar", "diag"] = "scalar"
+    learnable: bool = False
+    site: Literal["projection", "embeddings"] = "projection"
+    lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier for a learnable a, b")
+
+
+class MethodSpec(_Strict):
+    objective: Literal["apex", "apex_paper", "flow_matching"] = "apex"
+    time: TimeSpec = TimeSpec()
+    shift: ShiftSpec = ShiftSpec()
+    # apex (DESIGN §5.2)
+    critic_time: TimeSpec = TimeSpec()
+    fm_t_max: float = Field(0.9, gt=0.0, le=1.0)
+    fm_weight: float = Field(1.0, ge=0.0)
+    fake_weight: float = Field(1.0, ge=0.0, description="λ_p")
+    rectify_weight: float = Field(0.5, ge=0.0, description="μ")
+    delta_clip: float | None = Field(1.0, gt=0.0, description="δ; null = no clamp")
+    reference: Literal["self", "ema"] = "self"
+    # apex_paper (DESIGN §5.3)
+    mix_weight: float = Field(1.0, ge=0.0, description="λ_e")
+    lambda_mix: float = Field(0.5, ge=0.0, le=1.0)
+    fake_grad: bool = True
+    fake_noise: Literal["fresh", "shared"] = "fresh"
+    weighting: Literal["paper", "uniform"] = "paper"
+    weight_max: float = Field(10.0, gt=0.0)
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(1000, gt=0)
+    micro_batch: int = Field(64, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    global_batch: int | None = Field(None, gt=0, description="checked against micro_batch × grad_accum × processes")
+    lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an EMA of the trained weights")
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    keep_last: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainSpec:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        return self
+
+
+class HardwareSpec(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    processes: int = Field(1, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    gradient_checkpointing: bool = False
+    offload: bool = Field(False, description="CPU offload of parameters under FSDP")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads")
+
+
+class SampleSpec(_Strict):
+    steps: int = Field(1, gt=0)
+    method: Literal["auto", "one", "few", "euler"] = "auto"
+    renoise: Literal["stochastic", "deterministic"] = "stochastic"
+    guidance: float = Field(1.0, ge=1.0)
+    negative_prompt: str = ""
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    seed: int = 0
+    batch: int = Field(64, gt=0)
+
+
+class OutputSpec(_Strict):
+    dir: str = "runs/digits"
+    sample_prompts: list[str] = Field(default_factory=list, description="fixed-seed grid at every checkpoint")
+
+
+class Recipe(_Strict):
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    method: MethodSpec = MethodSpec()
+    train: TrainSpec = TrainSpec()
+    hardware: HardwareSpec = HardwareSpec()
+    sample: SampleSpec = SampleSpec()
+    output: OutputSpec = OutputSpec()
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        elif not isinstance(nxt, dict):
+            raise BadInput(f"{source}: --set {dotted}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` → (``a.b``, YAML-typed value)."""
+    if "=" not in text:
+        raise BadInput(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise BadInput(f"--set {text!r}: bad key path {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _allowed(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f"expected {ctx['expected']}"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> str:
+    """The keys the section at ``loc`` accepts (for unknown-key messages)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        cls = ann
+    return ", ".join(cls.model_fields)
+
+
+def validate_recipe(tree: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            keys = _allowed_keys(Recipe, loc)
+            raise BadInput(f"{source}: unknown key '{path}'" + (f"; allowed here: {keys}" if keys else "")) from None
+        if err["type"] == "missing":
+            raise BadInput(f"{source}: missing required key '{path}'") from None
+        value = err.get("input")
+        more = f" (and {len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
+        raise BadInput(f"{source}: {path} = {value!r}: {_allowed(err)}{more}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides, validate strictly."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"recipe not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise BadInput(f"{p}:{where} is not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise BadInput(f"{p}: a recipe must be a mapping of sections (model, data, method, train, ...)")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(tree, key, value, str(p))
+    return validate_recipe(tree, str(p))

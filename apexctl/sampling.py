@@ -1,0 +1,80 @@
+"""``apexctl sample``: prompts → PNGs and a grid, from a trained run, a model folder or a recipe."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from apexctl.errors import BadInput
+from apexctl.recipe import Recipe
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "empty"
+
+
+def resolve_model(recipe: Recipe | None, model: str | None) -> str:
+    if model is not None:
+        return model
+    assert recipe is not None
+    trained = Path(recipe.output.dir) / "model"
+    if not trained.is_dir():
+        raise BadInput(f"{trained}: no trained model yet for this recipe; run `apexctl distill` first or pass --model")
+    return str(trained)
+
+
+def run_sample(
+    prompts: list[str],
+    *,
+    recipe: Recipe | None,
+    model: str | None,
+    steps: int | None,
+    method: str | None,
+    guidance: float | None,
+    seed: int,
+    num_images: int,
+    out: Path | None,
+    size: int | None,
+    quiet: bool = False,
+) -> Path:
+    from apexctl.generate import generate_images
+    from apexctl.images import save_grid, save_png
+    from apexctl.models import load_backbone
+
+    spec = recipe.sample if recipe is not None else None
+    path = resolve_model(recipe, model)
+    if size is None:
+        if spec is not None and spec.height:
+            size = spec.height
+        elif recipe is not None:
+            size = recipe.data.resolution
+        else:
+            raise BadInput("--size is needed when the model has no recipe next to it")
+    steps = steps or (spec.steps if spec else 1)
+    guidance = guidance if guidance is not None else (spec.guidance if spec else 1.0)
+    backbone = load_backbone(path)
+    all_prompts = [p for p in prompts for _ in range(num_images)]
+    seeds = [seed + k for _ in prompts for k in range(num_images)]
+    images = generate_images(
+        backbone,
+        all_prompts,
+        seeds,
+        height=size,
+        width=size,
+        steps=steps,
+        method=method or (spec.method if spec else "auto"),
+        guidance=guidance,
+        negative_prompt=spec.negative_prompt if spec else "",
+        renoise=spec.renoise if spec else "stochastic",
+    )
+    folder = out or (Path(path).parent / "samples" if Path(path).is_dir() else Path("samples"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (p, s) in enumerate(zip(all_prompts, seeds, strict=True)):
+        save_png(images[i], folder / f"{i:03d}_{_slug(p)}_seed{s}.png")
+    upscale = max(1, 64 // size)
+    save_grid(images, nrow=num_images, path=folder / "grid.png", upscale=upscale, labels=list(prompts))
+    (folder / "samples.json").write_text(
+        json.dumps({"model": path, "steps": steps, "guidance": guidance, "prompts": prompts, "seeds": seeds}, indent=1)
+    )
+    return folder
