@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from apexctl.errors import BadInput
 from apexctl.recipe import Recipe
 
 _EQUATIONS = {
@@ -53,10 +54,12 @@ def describe_plan(r: Recipe) -> str:
         s = m.shift
         lines.append(f"shift      c_fake = {s.a}·c + {s.b} ({s.mode}, site {s.site}{', learnable' if s.learnable else ''})")
     gb = t.micro_batch * t.grad_accum * h.processes
-    lines.append(
-        f"batch      {t.micro_batch} micro × {t.grad_accum} accum × {h.processes} processes = {gb} global"
-        + (f" (recipe global_batch {t.global_batch}: {'ok' if t.global_batch == gb else 'MISMATCH'})" if t.global_batch else "")
-    )
+    if t.global_batch is not None and t.global_batch != gb:
+        raise BadInput(
+            f"train.global_batch = {t.global_batch} but micro_batch × grad_accum × hardware.processes = "
+            f"{t.micro_batch} × {t.grad_accum} × {h.processes} = {gb}"
+        )
+    lines.append(f"batch      {t.micro_batch} micro × {t.grad_accum} accum × {h.processes} processes = {gb} global")
     lines.append(
         f"optimizer  AdamW lr {t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}), clip {t.max_grad_norm}, "
         f"EMA {t.ema_decay}, {t.steps} steps"
