@@ -194,7 +194,11 @@ class PixelCodec(nn.Module):
         return {"type": "pixel", "channels": self.channels}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return images.mean(dim=1, keepdim=True) if self.channels == 1 else images
+        if self.channels == 3:
+            return images
+        # the RGB mean, written so that equal channels (a grey image) give back exactly that channel
+        r, g, b = images[:, 0:1], images[:, 1:2], images[:, 2:3]
+        return r + ((g - r) + (b - r)) / 3
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.repeat(1, 3, 1, 1) if self.channels == 1 else latents

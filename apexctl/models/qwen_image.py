@@ -1,0 +1,436 @@
+"""Qwen-Image adapter: the stock diffusers components behind the Backbone interface (DESIGN §4).
+
+Native conventions translated here: latents are 2×2-packed into tokens (``QwenImagePipeline._pack_latents``), the
+transformer takes ``timestep = sigma`` in [0, 1] (the pipeline passes ``t / 1000``) and predicts ``noise − x0``, which
+is already our ``v = z − x``. VAE latents are normalised with the VAE config's ``latents_mean`` / ``latents_std``.
+
+diffusers / transformers are imported inside the functions that need them, so ``import apexctl.models`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from apexctl.errors import BadInput
+from apexctl.models.base import Backbone, Cond, PixelCodec
+
+MODEL_MARKER = "apexctl_model.json"
+_COMPONENTS = {
+    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+    "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+    "tokenizer": ("transformers", "Qwen2Tokenizer"),
+    "transformer": ("diffusers", "QwenImageTransformer2DModel"),
+    "vae": ("diffusers", "AutoencoderKLQwenImage"),
+}
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` → ``[B, (h/2)(w/2), 4C]``, the same layout as ``QwenImagePipeline._pack_latents``."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Qwen-Image latents need even height and width for 2x2 packing, got {h}x{w}")
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``pack_latents``: ``[B, (h/2)(w/2), 4C]`` → ``[B, C, h, w]``."""
+    b, _, d = x.shape
+    x = x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def _one_line(e: BaseException) -> str:
+    first = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {first[0] if first else ''}"
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (copy where linking fails, e.g. across filesystems)."""
+    for root, _, files in os.walk(src):
+        out = dst / Path(root).relative_to(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            # realpath: hub-cache snapshots are symlinks to blobs; link the blob, not the symlink
+            real = os.path.realpath(os.path.join(root, name))
+            try:
+                os.link(real, out / name)
+            except OSError:
+                shutil.copy2(real, out / name)
+
+
+@contextmanager
+def quiet_hub_progress() -> Iterator[None]:
+    """No diffusers/transformers tqdm bars (e.g. transformers 5's "Loading weights") inside; our CLI shows its own."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the complete folder ``tmp`` to ``dest``; an existing ``dest`` is replaced only now (after ``tmp`` is done)."""
+    _fsync_tree(tmp)
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+    _fsync_dir(dest.parent)
+
+
+class QwenImageBackbone(Backbone):
+    """Qwen-Image (``QwenImagePipeline``'s components). ``transformer`` is trainable; text encoder and codec frozen.
+
+    The codec is either the real ``AutoencoderKLQwenImage`` (``vae/``) or a ``PixelCodec`` (``apexctl_codec.json``,
+    the embedded digits default). ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
+    """
+
+    family = "qwen_image"
+    lora_targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+    ]
+    #: QwenImagePipeline.__call__'s default max_sequence_length (prompt tokens after the template)
+    max_sequence_length = 512
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        *,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+        codec: nn.Module | None = None,
+        codec_config: dict | None = None,
+    ):
+        """``codec_config``: the VAE config dict or the pixel codec's json; taken from ``codec`` when not given (it
+        lets ``latent_shape`` work when the codec itself was not loaded)."""
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        if codec_config is None:
+            if codec is None:
+                raise ValueError("codec_config is required when no codec is given")
+            codec_config = codec.config() if isinstance(codec, PixelCodec) else dict(codec.config)
+        self.codec_config = dict(codec_config)
+        for frozen in (text_encoder, codec):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+
+    # -- loading / saving ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        load_text_encoder: bool = True,
+        load_codec: bool = True,
+    ) -> QwenImageBackbone:
+        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
+
+        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or the tokenizer is empty.
+        """
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+        path = str(path)
+
+        def load(sub: str, fn):
+            try:
+                with quiet_hub_progress():
+                    return fn()
+            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+                raise BadInput(f"{path}: cannot load {sub}/ ({_one_line(e)})") from e
+
+        transformer = load(
+            "transformer",
+            lambda: QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
+        )
+        scheduler = load(
+            "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        )
+
+        text_encoder = tokenizer = None
+        if load_text_encoder:
+            text_encoder = load(
+                "text_encoder",
+                lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
+            )
+            tokenizer = load("tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"))
+            # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
+            if len(tokenizer) <= 100:
+                raise BadInput(
+                    f"{path}: tokenizer/ loaded empty ({len(tokenizer)} tokens): not a local folder or cached hub model"
+                )
+
+        pixel_cfg = Path(path) / PixelCodec.CONFIG_NAME
+        codec: nn.Module | None = None
+        if Path(path).is_dir() and not (Path(path) / "vae").is_dir() and pixel_cfg.is_file():
+            codec_config = load("codec", lambda: json.loads(pixel_cfg.read_text()))
+            if codec_config.get("type") != "pixel":
+                raise BadInput(f"{pixel_cfg}: unknown codec type {codec_config.get('type')!r} (allowed: 'pixel')")
+            if load_codec:
+                codec = PixelCodec(int(codec_config.get("channels", 1)))
+        elif load_codec:
+            codec = load(
+                "vae", lambda: AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+            )
+            codec_config = dict(codec.config)
+        else:
+            codec_config = dict(load("vae", lambda: AutoencoderKLQwenImage.load_config(path, subfolder="vae")))
+
+        return cls(
+            transformer,
+            scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            codec=codec,
+            codec_config=codec_config,
+        )
+
+    @property
+    def is_pixel(self) -> bool:
+        return self.codec_config.get("type") == "pixel"
+
+    def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
+        """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
+
+        The transformer is always saved. Text encoder, tokenizer and VAE are hard-linked (or copied) from ``source``
+        when it is a local folder that has them, else saved from memory. ``model_index.json`` (stock
+        ``QwenImagePipeline.from_pretrained`` loads the folder) is written when a real VAE is present.
+        """
+        dest = Path(path).absolute()
+        src = Path(source) if source is not None and Path(source).is_dir() else None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            with quiet_hub_progress():
+                self._write_components(tmp, src, dest)
+            atomic_replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
+        import diffusers
+
+        self.transformer.save_pretrained(out / "transformer")
+        self.scheduler.save_pretrained(out / "scheduler")
+        frozen: dict[str, Any] = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        if not self.is_pixel:
+            frozen["vae"] = self.codec
+        for name, component in frozen.items():
+            if src is not None and (src / name).is_dir():
+                _link_tree(src / name, out / name)
+            elif component is not None:
+                component.save_pretrained(out / name)
+            else:
+                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
+        if self.is_pixel:
+            _write_json(out / PixelCodec.CONFIG_NAME, self.codec_config)
+        else:
+            index = {"_class_name": "QwenImagePipeline", "_diffusers_version": diffusers.__version__}
+            index.update({k: list(v) for k, v in _COMPONENTS.items()})
+            _write_json(out / "model_index.json", index)
+        _write_json(out / MODEL_MARKER, {"family": self.family})
+
+    def train(self, mode: bool = True) -> QwenImageBackbone:
+        """Train mode for the transformer only: the frozen text encoder and codec stay in eval mode."""
+        super().train(mode)
+        for frozen in (self.text_encoder, self.codec):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- conditioning --------------------------------------------------------------------------------------------
+    def _text_pipeline(self):
+        from diffusers import QwenImagePipeline
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise RuntimeError("this Qwen-Image backbone was loaded without its text encoder")
+        # A components-only pipeline (0.5 ms to build): its own template, drop index and padding logic encode prompts.
+        return QwenImagePipeline(
+            scheduler=self.scheduler,
+            vae=None,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            transformer=None,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``QwenImagePipeline.encode_prompt`` (template, first 34 tokens dropped, last hidden state, right padding).
+
+        The mask is always returned (1 = token, 0 = padding); the pipeline returns ``None`` when it is all ones.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        device = next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
+        embeds, mask = self._text_pipeline().encode_prompt(
+            list(prompts), device=device, max_sequence_length=self.max_sequence_length
+        )
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return Cond(embeds=embeds, mask=mask)
+
+    def condition_site(self) -> nn.Module:
+        """``transformer.txt_in``: the DiT's projection of the (RMS-normed) text embeddings to its width."""
+        return self.transformer.txt_in
+
+    @property
+    def embed_dim(self) -> int:
+        if self.text_encoder is not None:
+            return int(self.text_encoder.config.text_config.hidden_size)
+        return int(self.transformer.config.joint_attention_dim)
+
+    # -- images <-> latents --------------------------------------------------------------------------------------
+    def _vae_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.codec_config["latents_mean"], device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.codec_config["latents_std"], device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+        return mean, std
+
+    def _require_codec(self) -> nn.Module:
+        if self.codec is None:
+            raise RuntimeError("this Qwen-Image backbone was loaded without its codec")
+        return self.codec
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [−1, 1] → ``(mode − latents_mean) / latents_std``, ``[B, z, H/f, W/f]`` (pixel: identity)."""
+        codec = self._require_codec()
+        if isinstance(codec, PixelCodec):
+            return codec.encode(images)
+        raw = codec.encode(images.to(codec.dtype)[:, :, None]).latent_dist.mode()[:, :, 0]  # video VAE: 1 frame
+        mean, std = self._vae_stats(raw)
+        return (raw - mean) / std
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse normalisation as ``QwenImagePipeline`` does before ``vae.decode`` → ``[B, 3, H, W]`` in [−1, 1]."""
+        codec = self._require_codec()
+        if isinstance(codec, PixelCodec):
+            return codec.decode(latents)
+        latents = latents.to(codec.dtype)
+        mean, std = self._vae_stats(latents)
+        return codec.decode((latents * std + mean)[:, :, None], return_dict=False)[0][:, :, 0]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell: ``2 ** len(temperal_downsample)`` as in the pipeline; 1 for the pixel codec."""
+        return 1 if self.is_pixel else 2 ** len(self.codec_config["temperal_downsample"])
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        if height % (2 * f) or width % (2 * f):
+            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {2 * f} for this model")
+        channels = int(self.codec_config["channels"]) if self.is_pixel else int(self.codec_config["z_dim"])
+        return channels, height // f, width // f
+
+    # -- the denoiser --------------------------------------------------------------------------------------------
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Packs 2×2, calls the transformer with ``timestep = t`` and unpacks; the output is already ``z − x``."""
+        b, _, h, w = x_t.shape
+        dtype = self.transformer.img_in.weight.dtype
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
+        mask = cond.mask
+        # As QwenImagePipeline.encode_prompt: no mask when nothing is padded (lets SDPA pick its fastest kernel).
+        if mask is not None and bool(mask.all()):
+            mask = None
+        out = self.denoiser(
+            hidden_states=pack_latents(x_t).to(dtype),
+            timestep=t.to(dtype),
+            encoder_hidden_states=cond.embeds.to(dtype),
+            encoder_hidden_states_mask=mask,
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w).to(x_t.dtype)
+
+    def guidance_combine(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """QwenImagePipeline's true CFG: ``u + s(c − u)`` rescaled to the norm of ``c``, per packed token (2×2×C)."""
+        h, w = v_cond.shape[-2:]
+        c, u = pack_latents(v_cond), pack_latents(v_uncond)
+        comb = u + scale * (c - u)
+        comb = comb * (torch.norm(c, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        return unpack_latents(comb, h, w)
+
+    def teacher_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """The pipeline's schedule: linspace(1, 1/N, N) shifted by ``mu`` of the packed sequence length, then 0."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+        _, h, w = latent_shape
+        cfg = self.scheduler.config
+        mu = calculate_shift(
+            (h // 2) * (w // 2),
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
