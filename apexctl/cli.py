@@ -154,6 +154,9 @@ def eval_digits(
     per_prompt: Annotated[int, typer.Option("--per-prompt", min=2, help="images per evaluation prompt")] = 100,
     teacher_steps: Annotated[int, typer.Option("--teacher-steps", min=1, help="Euler steps of the multi-step teacher row")] = 50,
     student_steps: Annotated[Optional[list[int]], typer.Option("--student-steps", help="student rows (repeatable)")] = None,
+    teacher_guidance: Annotated[
+        Optional[float], typer.Option("--teacher-guidance", min=1.0, help="CFG of the teacher row (default: the teacher run's sample.guidance)")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default RUN/eval/digits)")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -162,7 +165,7 @@ def eval_digits(
     from apexctl.eval.run_digits import run_eval_digits
 
     r = _recipe(recipe, set_)
-    run_eval_digits(r, per_prompt=per_prompt, teacher_steps=teacher_steps, student_steps=student_steps or [1], out=out, quiet=quiet)
+    run_eval_digits(r, per_prompt=per_prompt, teacher_steps=teacher_steps, student_steps=student_steps or [1], teacher_guidance=teacher_guidance, out=out, quiet=quiet)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Exponential moving average of trained parameters: ``θ̄ ← d·θ̄ + (1−d)·θ``.
 
-The shadow weights live beside the model (fp32); ``swapped()`` puts them into the model for a forward pass (the
-``ema`` reference of the ``apex`` objective, or an export) and restores the live weights after, so no second copy
-of the network is ever built.
+The shadow weights live beside the model (fp32). ``forward_with_shadow()`` runs a forward pass with them through
+``torch.func.functional_call`` (the ``ema`` reference of the ``apex`` objective: nothing is modified in place, so
+the autograd graph of the live weights stays valid); ``swapped()`` copies them into the model (exports). No
+second copy of the network is ever built.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, params: list[nn.Parameter], decay: float) -> None:
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.params = list(params)
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
         self.decay = decay
         self.shadow = [p.detach().float().clone() for p in self.params]
 
@@ -26,6 +28,10 @@ class EMA:
     def update(self) -> None:
         for s, p in zip(self.shadow, self.params, strict=True):
             s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def shadow_dict(self) -> dict[str, torch.Tensor]:
+        """name → shadow tensor in the live parameter's dtype (for ``torch.func.functional_call``)."""
+        return {n: s.to(p.dtype) for n, s, p in zip(self.names, self.shadow, self.params, strict=True)}
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

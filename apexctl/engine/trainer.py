@@ -124,6 +124,18 @@ class _Stop:
             signal.signal(sig, old)
 
 
+class _ShadowForward(torch.nn.Module):
+    """Calls ``module`` with substitute parameters (EMA shadows) without touching the live ones."""
+
+    def __init__(self, module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", module)  # not a registered child: no second copy in any state dict
+        self.params = params
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
+
+
 def run_dir(recipe: Recipe) -> Path:
     return Path(recipe.output.dir)
 
@@ -193,7 +205,8 @@ def train(
         a=s.a, b=s.b, mode=s.mode, learnable=s.learnable, site=s.site,
         dim=(backbone.condition_dim() if s.site == "projection" else backbone.embed_dim) if s.mode == "diag" else None,
     )
-    params = [p for p in transformer.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     groups = [{"params": params, "lr": tr.lr}]
     if s.learnable:
         groups.append({"params": list(shift.parameters()), "lr": tr.lr * s.lr_scale, "weight_decay": 0.0})
@@ -208,14 +221,19 @@ def train(
     backbone.to(acc.device)
 
     ema_decay = tr.ema_decay if tr.ema_decay is not None else (0.99 if m.reference == "ema" else None)
-    ema = EMA(params, ema_decay) if ema_decay is not None else None
+    ema = EMA(named, ema_decay) if ema_decay is not None else None
     net = Net(backbone, shift)
     reference = None
     if m.reference == "ema":
 
-        def reference(u, t, c, _net=net, _ema=ema):
-            with torch.no_grad(), _ema.swapped():
-                return _net(u, t, c)
+        def reference(u, t, c, _net=net, _ema=ema, _live=wrapped):
+            shadow = _ema.shadow_dict()
+            backbone.set_forward_module(_ShadowForward(transformer, shadow))
+            try:
+                with torch.no_grad():
+                    return _net(u, t, c)
+            finally:
+                backbone.set_forward_module(_live)
 
     objective = build_objective(recipe, reference)
 

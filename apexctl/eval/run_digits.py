@@ -1,6 +1,6 @@
 """``apexctl eval digits``: generate with the teacher and the student, score with the digits judge, report.
 
-Rows: teacher at ``teacher_steps`` (Euler, the recipe's guidance), teacher at 1 step, student at each requested
+Rows: teacher at ``teacher_steps`` (Euler, with the guidance of the teacher's own recipe), teacher at 1 step, student at each requested
 step count. Every row sees the same prompts and the same seeds (image k of a prompt uses seed k).
 """
 
@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from apexctl.atomic import write_text
-from apexctl.recipe import Recipe
+from apexctl.recipe import Recipe, SampleSpec, load_recipe
+
+
+def teacher_sample_spec(teacher_dir: str) -> SampleSpec:
+    """The teacher's own sampling settings: the ``sample`` section of the run that trained it, when there is one."""
+    rec = Path(teacher_dir).parent / "recipe.yaml"
+    if Path(teacher_dir).is_dir() and rec.is_file():
+        return load_recipe(rec).sample
+    return SampleSpec()
 
 
 def run_eval_digits(
@@ -22,6 +30,7 @@ def run_eval_digits(
     per_prompt: int = 100,
     teacher_steps: int = 50,
     student_steps: list[int] | tuple[int, ...] = (1,),
+    teacher_guidance: float | None = None,
     out: Path | None = None,
     quiet: bool = False,
 ) -> dict:
@@ -45,10 +54,13 @@ def run_eval_digits(
     size = recipe.data.resolution
     s = recipe.sample
 
-    teacher = load_backbone(resolve_model_path(recipe.model.path))
+    teacher_dir = resolve_model_path(recipe.model.path)
+    if teacher_guidance is None:
+        teacher_guidance = teacher_sample_spec(teacher_dir).guidance
+    teacher = load_backbone(teacher_dir)
     student = load_backbone(resolve_model(recipe, None))
     rows_spec = [
-        (f"teacher {teacher_steps} steps", teacher, teacher_steps, "euler", s.guidance),
+        (f"teacher {teacher_steps} steps", teacher, teacher_steps, "euler", teacher_guidance),
         ("teacher 1 step", teacher, 1, "one", 1.0),
     ]
     rows_spec += [
@@ -93,6 +105,7 @@ def run_eval_digits(
         "per_prompt": per_prompt,
         "prompts": [{"prompt": p.prompt, "kind": p.kind, "allowed": sorted(p.allowed)} for p in prompts],
         "judge_test_accuracy": judge.test_accuracy,
+        "teacher": {"model": teacher_dir, "steps": teacher_steps, "guidance": teacher_guidance},
         "rows": results,
     }
     write_text(folder / "results.json", json.dumps(summary, indent=1, default=float))

@@ -1,0 +1,146 @@
+"""End to end through the CLI on a tiny digits model: prepare → distill → resume → sample → eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from apexctl.cli import app
+
+runner = CliRunner()
+TINY = "tiny:digits?num_layers=2&num_attention_heads=2&attention_head_dim=16"
+
+
+def _recipe(tmp: Path, name: str, **sections) -> Path:
+    tree = {
+        "model": {"path": TINY},
+        "data": {"source": "digits", "cache_dir": str(tmp / "cache"), "cond_dropout": 0.1},
+        "method": {"objective": "apex", "reference": "ema", "shift": {"learnable": True}},
+        "train": {"steps": 6, "micro_batch": 8, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 2,
+                  "ema_decay": 0.9, "log_every": 1, "checkpoint_every": 100, "seed": 3},
+        "hardware": {"device": "cpu"},
+        "output": {"dir": str(tmp / name)},
+    }
+    for k, v in sections.items():
+        tree[k].update(v)
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def _ok(args: list[str]) -> str:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, monkeypatch_module):
+    tmp = tmp_path_factory.mktemp("e2e")
+    monkeypatch_module.setenv("APEXCTL_HOME", str(tmp / "home"))
+    _ok(["prepare", str(_recipe(tmp, "prep")), "-q"])
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_prepare_writes_manifest(workdir):
+    m = json.loads((workdir / "cache" / "manifest.json").read_text())
+    assert m["num_images"] == 1400 and m["latent_shape"] == [1, 8, 8] and "" in m["prompts"]
+    assert m["num_pairs"] > m["num_images"]  # several prompts per image (single + multi-mode)
+
+
+def test_resume_matches_uninterrupted_run(workdir):
+    full = _recipe(workdir, "full")
+    _ok(["distill", str(full), "-q"])
+    part = _recipe(workdir, "part")
+    out = _ok(["distill", str(part), "--until", "3", "-q"])
+    assert "checkpointed" in out and not (workdir / "part" / "model").exists()
+    assert (workdir / "part" / "checkpoints" / "step-000003" / "COMPLETE").is_file()
+    _ok(["distill", str(part), "--resume", "auto", "-q"])
+    a, b = _weights(workdir / "full"), _weights(workdir / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # the training actually moved the weights, so equality is not vacuous
+    base = load_file(str(next((workdir / "home" / "tiny").glob("digits-*")) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    # the logged losses of the resumed half equal the uninterrupted run's
+    la = [json.loads(x) for x in (workdir / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (workdir / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=0, abs=0)
+    assert {"loss/fm", "loss/fake", "loss/rect", "grad_norm", "lr", "step_time", "shift/a"} <= set(la[-1])
+    assert (workdir / "full" / "recipe.yaml").is_file() and (workdir / "full" / "model-ema").is_dir()
+
+
+def test_cache_from_another_model_is_refused(workdir):
+    other = _recipe(workdir, "other", model={"path": TINY + "&text_hidden=16"})
+    res = runner.invoke(app, ["distill", str(other), "-q"])
+    assert res.exit_code == 2 and "model_fingerprint" in res.output, res.output
+
+
+def test_missing_cache_exits_2(workdir):
+    r = _recipe(workdir, "nocache", data={"cache_dir": str(workdir / "nope")})
+    res = runner.invoke(app, ["distill", str(r), "-q"])
+    assert res.exit_code == 2 and "apexctl prepare" in res.output
+
+
+def test_sample_writes_pngs_and_is_deterministic(workdir):
+    r = str(_recipe(workdir, "full"))
+    _ok(["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s1")])
+    _ok(["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s2")])
+    files = sorted(p.name for p in (workdir / "s1").glob("*.png"))
+    assert len(files) == 7 and "grid.png" in files
+    for f in files:
+        assert (workdir / "s1" / f).read_bytes() == (workdir / "s2" / f).read_bytes()
+    # the one-step image equals z − F(z, 1, c) computed directly
+    from apexctl.engine.sampler import one_step
+    from apexctl.generate import seeded_noise
+    from apexctl.images import to_uint8
+    from apexctl.models import load_backbone
+
+    bb = load_backbone(str(workdir / "full" / "model"))
+    x = one_step(bb, seeded_noise((1, 8, 8), [1]), bb.encode_prompts(["a handwritten digit seven"]))
+    from PIL import Image
+    import numpy as np
+
+    png = np.asarray(Image.open(next((workdir / "s1").glob("001_*seed1.png"))).convert("RGB"))
+    assert np.abs(png.astype(int) - to_uint8(bb.decode_latents(x))[0].astype(int)).max() <= 1
+
+
+def test_sample_bad_inputs(workdir):
+    res = runner.invoke(app, ["sample", "x", "--recipe", str(workdir / "prep.yaml")])
+    assert res.exit_code == 2 and "no trained model yet" in res.output
+    res = runner.invoke(app, ["sample", "--model", "tiny:digits"])
+    assert res.exit_code == 2 and "no prompts" in res.output
+    res = runner.invoke(app, ["sample", "x", "--model", str(workdir / "missing")])
+    assert res.exit_code == 2
+
+
+def test_eval_digits_reports_rows(workdir):
+    r = str(_recipe(workdir, "full"))
+    out = _ok(["eval", "digits", "--recipe", r, "--per-prompt", "4", "--teacher-steps", "2", "--student-steps", "1",
+               "--student-steps", "2", "-q"])
+    res = json.loads((workdir / "full" / "eval" / "digits" / "results.json").read_text())
+    assert set(res["rows"]) == {"real data (held-out)", "teacher 2 steps", "teacher 1 step", "student 1 step", "student 2 steps"}
+    row = res["rows"]["student 1 step"]
+    assert row["n"] == 15 * 4 and 0.0 <= row["alignment"]["single"] <= 1.0 and row["fd"] > 0
+    assert res["rows"]["real data (held-out)"]["alignment"]["single"] > 0.9
+    assert "teacher 1 step" in out
+    assert len(list((workdir / "full" / "eval" / "digits").glob("grid_*.png"))) == 4
