@@ -7,7 +7,15 @@ import torch
 from conftest import LinearBackbone
 
 from apexctl.engine.flow import TimeSampler
-from apexctl.engine.objectives import ApexConfig, ApexPaperConfig, FlowMatchingConfig, Net, apex, apex_paper, flow_matching
+from apexctl.engine.objectives import (
+    ApexConfig,
+    ApexPaperConfig,
+    FlowMatchingConfig,
+    Net,
+    apex,
+    apex_paper,
+    flow_matching,
+)
 from apexctl.engine.shift import ConditionShift
 from apexctl.models.base import Cond
 

@@ -117,8 +117,8 @@ def test_sample_writes_pngs_and_is_deterministic(workdir):
 
     bb = load_backbone(str(workdir / "full" / "model"))
     x = one_step(bb, seeded_noise((1, 8, 8), [1]), bb.encode_prompts(["a handwritten digit seven"]))
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     png = np.asarray(Image.open(next((workdir / "s1").glob("001_*seed1.png"))).convert("RGB"))
     assert np.abs(png.astype(int) - to_uint8(bb.decode_latents(x))[0].astype(int)).max() <= 1
