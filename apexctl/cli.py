@@ -66,7 +66,9 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, quiet: QuietOpt = False) -> 
     r = _recipe(recipe, set_)
     out = run_prepare(r, quiet=quiet)
     m = json.loads((out / "manifest.json").read_text())
-    typer.echo(f"cache {out}: {m['num_images']} images, {m['num_prompts']} prompts, {m['num_pairs']} pairs, latents {m['latent_shape']}")
+    typer.echo(
+        f"cache {out}: {m['num_images']} images, {m['num_prompts']} prompts, {m['num_pairs']} pairs, latents {m['latent_shape']}"
+    )
 
 
 @app.command()
@@ -74,12 +76,16 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, quiet: QuietOpt = False) -> 
 def distill(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate the recipe and print the plan; train nothing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="validate the recipe and print the plan; train nothing")
+    ] = False,
     resume: Annotated[
-        Optional[str], typer.Option("--resume", help="'auto' (newest complete checkpoint in the run) or a checkpoint folder")
+        Optional[str],
+        typer.Option("--resume", help="'auto' (newest complete checkpoint in the run) or a checkpoint folder"),
     ] = None,
     until: Annotated[
-        Optional[int], typer.Option("--until", min=1, help="stop after this step (checkpointed); continue later with --resume auto")
+        Optional[int],
+        typer.Option("--until", min=1, help="stop after this step (checkpointed); continue later with --resume auto"),
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -93,7 +99,9 @@ def distill(
     from apexctl.engine.trainer import train
 
     run = train(r, resume=resume, until=until, quiet=quiet)
-    typer.echo(f"run {run}: " + ("model saved to " + str(run / "model") if (run / "model").is_dir() else "checkpointed"))
+    typer.echo(
+        f"run {run}: " + ("model saved to " + str(run / "model") if (run / "model").is_dir() else "checkpointed")
+    )
 
 
 def _newest_run(root: Path = Path("runs")) -> Path:
@@ -107,12 +115,20 @@ def _newest_run(root: Path = Path("runs")) -> Path:
 @handle_errors
 def sample(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="prompts to draw", show_default=False)] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="text file, one prompt per line")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="use this recipe's trained model (output.dir/model)")] = None,
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts-file", help="text file, one prompt per line")
+    ] = None,
+    recipe: Annotated[
+        Optional[Path], typer.Option("--recipe", help="use this recipe's trained model (output.dir/model)")
+    ] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="model folder, hub id or tiny:<preset>")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="sampling steps (default: recipe sample.steps)")] = None,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", min=1, help="sampling steps (default: recipe sample.steps)")
+    ] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="auto | one | few | euler")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="classifier-free guidance scale")] = None,
+    guidance: Annotated[
+        Optional[float], typer.Option("--guidance", min=1.0, help="classifier-free guidance scale")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="first seed; image k of a prompt uses seed + k")] = 0,
     num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="images per prompt")] = 4,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default RUN/samples)")] = None,
@@ -139,8 +155,17 @@ def sample(
         if (run / "recipe.yaml").is_file():
             r = _recipe(run / "recipe.yaml", set_)
     folder = run_sample(
-        texts, recipe=r, model=model, steps=steps, method=method, guidance=guidance, seed=seed,
-        num_images=num_images, out=out, size=size, quiet=quiet,
+        texts,
+        recipe=r,
+        model=model,
+        steps=steps,
+        method=method,
+        guidance=guidance,
+        seed=seed,
+        num_images=num_images,
+        out=out,
+        size=size,
+        quiet=quiet,
     )
     typer.echo(f"wrote {len(texts) * num_images} images and grid.png to {folder}")
 
@@ -148,14 +173,21 @@ def sample(
 @eval_app.command("digits")
 @handle_errors
 def eval_digits(
-    recipe: Annotated[Path, typer.Option("--recipe", help="the student's recipe (teacher = model.path, student = output.dir/model)")] = Path(
-        "recipes/digits.yaml"
-    ),
+    recipe: Annotated[
+        Path, typer.Option("--recipe", help="the student's recipe (teacher = model.path, student = output.dir/model)")
+    ] = Path("recipes/digits.yaml"),
     per_prompt: Annotated[int, typer.Option("--per-prompt", min=2, help="images per evaluation prompt")] = 100,
-    teacher_steps: Annotated[int, typer.Option("--teacher-steps", min=1, help="Euler steps of the multi-step teacher row")] = 50,
-    student_steps: Annotated[Optional[list[int]], typer.Option("--student-steps", help="student rows (repeatable)")] = None,
+    teacher_steps: Annotated[
+        int, typer.Option("--teacher-steps", min=1, help="Euler steps of the multi-step teacher row")
+    ] = 50,
+    student_steps: Annotated[
+        Optional[list[int]], typer.Option("--student-steps", help="student rows (repeatable)")
+    ] = None,
     teacher_guidance: Annotated[
-        Optional[float], typer.Option("--teacher-guidance", min=1.0, help="CFG of the teacher row (default: the teacher run's sample.guidance)")
+        Optional[float],
+        typer.Option(
+            "--teacher-guidance", min=1.0, help="CFG of the teacher row (default: the teacher run's sample.guidance)"
+        ),
     ] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default RUN/eval/digits)")] = None,
     set_: SetOpt = None,
@@ -165,7 +197,15 @@ def eval_digits(
     from apexctl.eval.run_digits import run_eval_digits
 
     r = _recipe(recipe, set_)
-    run_eval_digits(r, per_prompt=per_prompt, teacher_steps=teacher_steps, student_steps=student_steps or [1], teacher_guidance=teacher_guidance, out=out, quiet=quiet)
+    run_eval_digits(
+        r,
+        per_prompt=per_prompt,
+        teacher_steps=teacher_steps,
+        student_steps=student_steps or [1],
+        teacher_guidance=teacher_guidance,
+        out=out,
+        quiet=quiet,
+    )
 
 
 def main() -> None:

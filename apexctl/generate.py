@@ -42,7 +42,9 @@ def generate_latents(
             u = uncond.to(dev, dtype)
             u = Cond(u.embeds.expand(len(c), -1, -1), None if u.mask is None else u.mask.expand(len(c), -1), u.pooled)
         gen = torch.Generator(device="cpu").manual_seed(int(seeds[i]) + 7919)
-        lat = sampler.generate(backbone, z, c, steps, method=method, uncond=u, guidance_scale=guidance, renoise=renoise, generator=gen)
+        lat = sampler.generate(
+            backbone, z, c, steps, method=method, uncond=u, guidance_scale=guidance, renoise=renoise, generator=gen
+        )
         out.append(lat.float().cpu())
     return torch.cat(out)
 
@@ -61,5 +63,7 @@ def generate_images(backbone: Backbone, prompts: list[str], seeds: list[int], **
     dtype = next(backbone.transformer.parameters()).dtype
     images = []
     for i in range(0, lat.shape[0], kw.get("batch", 64)):
-        images.append(backbone.decode_latents(lat[i : i + kw.get("batch", 64)].to(backbone.device, dtype)).float().cpu())
+        images.append(
+            backbone.decode_latents(lat[i : i + kw.get("batch", 64)].to(backbone.device, dtype)).float().cpu()
+        )
     return torch.cat(images)

@@ -52,7 +52,9 @@ def describe_plan(r: Recipe) -> str:
     lines.append(f"objective  {m.objective}: {eq}")
     if m.objective != "flow_matching":
         s = m.shift
-        lines.append(f"shift      c_fake = {s.a}·c + {s.b} ({s.mode}, site {s.site}{', learnable' if s.learnable else ''})")
+        lines.append(
+            f"shift      c_fake = {s.a}·c + {s.b} ({s.mode}, site {s.site}{', learnable' if s.learnable else ''})"
+        )
     gb = t.micro_batch * t.grad_accum * h.processes
     if t.global_batch is not None and t.global_batch != gb:
         raise BadInput(
@@ -64,6 +66,8 @@ def describe_plan(r: Recipe) -> str:
         f"optimizer  AdamW lr {t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}), clip {t.max_grad_norm}, "
         f"EMA {t.ema_decay}, {t.steps} steps"
     )
-    lines.append(f"hardware   device {h.device}, precision {h.precision}, strategy {h.strategy}, grad ckpt {h.gradient_checkpointing}")
+    lines.append(
+        f"hardware   device {h.device}, precision {h.precision}, strategy {h.strategy}, grad ckpt {h.gradient_checkpointing}"
+    )
     lines.append(f"output     {r.output.dir} (checkpoints every {t.checkpoint_every}, keep {t.keep_last})")
     return "\n".join(lines)

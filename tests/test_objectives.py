@@ -49,7 +49,9 @@ def test_apex_loss_and_gradients_by_hand(clip):
     a, b, alpha, beta, w, mu, lp = -1.0, 0.25, 0.5, -0.3, 0.7, 0.5, 1.0
     bb = LinearBackbone(alpha, beta, w)
     shift = ConditionShift(a=a, b=b, learnable=True)
-    cfg = ApexConfig(fm_time=TimeSampler(t_max=0.9), critic_time=TimeSampler(), rectify_weight=mu, fake_weight=lp, delta_clip=clip)
+    cfg = ApexConfig(
+        fm_time=TimeSampler(t_max=0.9), critic_time=TimeSampler(), rectify_weight=mu, fake_weight=lp, delta_clip=clip
+    )
     out = apex(Net(bb, shift), X, COND, cfg, generator=torch.Generator().manual_seed(7))
     out.loss.backward()
 

@@ -42,7 +42,11 @@ def test_set_overrides_are_typed(tmp_path):
         ("model: {path: x}\nmethod: {objective: dmd}\n", [], "expected 'apex', 'apex_paper' or 'flow_matching'"),
         ("model: {path: x}\ntrain: {lr: -1}\n", [], "train.lr = -1"),
         ("model: {path: x}\ndata: {cond_dropout: 1.5}\n", [], "data.cond_dropout = 1.5"),
-        ("model: {path: x}\ntrain: {steps: 10, warmup_steps: 20}\n", [], "warmup_steps (20) must not exceed steps (10)"),
+        (
+            "model: {path: x}\ntrain: {steps: 10, warmup_steps: 20}\n",
+            [],
+            "warmup_steps (20) must not exceed steps (10)",
+        ),
         ("data: {source: digits}\n", [], "missing required key 'model'"),
         ("model: {path: x}\n", ["train.steps"], "expected KEY=VALUE"),
         ("model: [unclosed\n", [], "is not valid YAML"),
@@ -81,7 +85,13 @@ def test_global_batch_mismatch_exits_2():
 
 
 def test_every_command_has_help():
-    for args in (["--help"], ["prepare", "--help"], ["distill", "--help"], ["sample", "--help"], ["eval", "digits", "--help"]):
+    for args in (
+        ["--help"],
+        ["prepare", "--help"],
+        ["distill", "--help"],
+        ["sample", "--help"],
+        ["eval", "digits", "--help"],
+    ):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, (args, res.output)
         assert "Usage" in res.output

@@ -22,8 +22,17 @@ def _recipe(tmp: Path, name: str, **sections) -> Path:
         "model": {"path": TINY},
         "data": {"source": "digits", "cache_dir": str(tmp / "cache"), "cond_dropout": 0.1},
         "method": {"objective": "apex", "reference": "ema", "shift": {"learnable": True}},
-        "train": {"steps": 6, "micro_batch": 8, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 2,
-                  "ema_decay": 0.9, "log_every": 1, "checkpoint_every": 100, "seed": 3},
+        "train": {
+            "steps": 6,
+            "micro_batch": 8,
+            "lr": 1e-3,
+            "lr_schedule": "cosine",
+            "warmup_steps": 2,
+            "ema_decay": 0.9,
+            "log_every": 1,
+            "checkpoint_every": 100,
+            "seed": 3,
+        },
         "hardware": {"device": "cpu"},
         "output": {"dir": str(tmp / name)},
     }
@@ -78,7 +87,9 @@ def test_resume_matches_uninterrupted_run(workdir):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     # the training actually moved the weights, so equality is not vacuous
-    base = load_file(str(next((workdir / "home" / "tiny").glob("digits-*")) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(
+        str(next((workdir / "home" / "tiny").glob("digits-*")) / "transformer" / "diffusion_pytorch_model.safetensors")
+    )
     assert any(not torch.equal(a[k], base[k]) for k in a)
     # the logged losses of the resumed half equal the uninterrupted run's
     la = [json.loads(x) for x in (workdir / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -103,8 +114,12 @@ def test_missing_cache_exits_2(workdir):
 
 def test_sample_writes_pngs_and_is_deterministic(workdir):
     r = str(_recipe(workdir, "full"))
-    _ok(["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s1")])
-    _ok(["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s2")])
+    _ok(
+        ["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s1")]
+    )
+    _ok(
+        ["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s2")]
+    )
     files = sorted(p.name for p in (workdir / "s1").glob("*.png"))
     assert len(files) == 7 and "grid.png" in files
     for f in files:
@@ -135,10 +150,31 @@ def test_sample_bad_inputs(workdir):
 
 def test_eval_digits_reports_rows(workdir):
     r = str(_recipe(workdir, "full"))
-    out = _ok(["eval", "digits", "--recipe", r, "--per-prompt", "4", "--teacher-steps", "2", "--student-steps", "1",
-               "--student-steps", "2", "-q"])
+    out = _ok(
+        [
+            "eval",
+            "digits",
+            "--recipe",
+            r,
+            "--per-prompt",
+            "4",
+            "--teacher-steps",
+            "2",
+            "--student-steps",
+            "1",
+            "--student-steps",
+            "2",
+            "-q",
+        ]
+    )
     res = json.loads((workdir / "full" / "eval" / "digits" / "results.json").read_text())
-    assert set(res["rows"]) == {"real data (held-out)", "teacher 2 steps", "teacher 1 step", "student 1 step", "student 2 steps"}
+    assert set(res["rows"]) == {
+        "real data (held-out)",
+        "teacher 2 steps",
+        "teacher 1 step",
+        "student 1 step",
+        "student 2 steps",
+    }
     row = res["rows"]["student 1 step"]
     assert row["n"] == 15 * 4 and 0.0 <= row["alignment"]["single"] <= 1.0 and row["fd"] > 0
     assert res["rows"]["real data (held-out)"]["alignment"]["single"] > 0.9

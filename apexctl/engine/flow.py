@@ -59,7 +59,9 @@ class TimeSampler:
     t_max: float = 1.0
     one_step_prob: float = 0.0
 
-    def __call__(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         if self.kind == "uniform":
             t = torch.rand(n, generator=generator)
         elif self.kind == "logit_normal":

@@ -24,7 +24,9 @@ class Net:
     backbone: Backbone
     shift: ConditionShift
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, fake: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, fake: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if fake is not None and self.shift.site == "embeddings":
             cond = cond.with_embeds(self.shift.transform(cond.embeds, fake))
         with self.shift.applied(self.backbone.condition_site(), fake):
@@ -54,7 +56,9 @@ class FlowMatchingConfig:
     time: TimeSampler = TimeSampler()
 
 
-def flow_matching(net: Net, x: torch.Tensor, cond: Cond, cfg: FlowMatchingConfig, generator: torch.Generator | None = None) -> LossOut:
+def flow_matching(
+    net: Net, x: torch.Tensor, cond: Cond, cfg: FlowMatchingConfig, generator: torch.Generator | None = None
+) -> LossOut:
     """L = ‖F(x_t, t, c) − (z − x)‖², t ~ p(t)."""
     z = torch.randn(x.shape, generator=generator).to(x)
     t = cfg.time(x.shape[0], x.device, generator)
@@ -145,16 +149,18 @@ class ApexPaperConfig:
     weight_max: float = 10.0
 
 
-def apex_paper(net: Net, x: torch.Tensor, cond: Cond, cfg: ApexPaperConfig, generator: torch.Generator | None = None) -> LossOut:
+def apex_paper(
+    net: Net, x: torch.Tensor, cond: Cond, cfg: ApexPaperConfig, generator: torch.Generator | None = None
+) -> LossOut:
     """The paper's equations as written::
 
-        x_t    = t·z + (1−t)·x;  F_real = F(x_t, t, c)
-        x_fake = x_t − t·F_real                       (detached unless fake_grad)
-        xf_t   = t'·z' + (1−t')·x_fake                 (t', z' fresh, or t, z when fake_noise = shared)
-        L_fake = ‖F(xf_t, t', c_fake) − (z' − x_fake)‖²
-        v_fake = sg(F(x_t, t, c_fake))
-        L_mix  = w(t)·‖F_real − ((1−λ)(z − x) + λ·v_fake)‖²
-        L      = λ_p·L_fake + λ_e·L_mix
+    x_t    = t·z + (1−t)·x;  F_real = F(x_t, t, c)
+    x_fake = x_t − t·F_real                       (detached unless fake_grad)
+    xf_t   = t'·z' + (1−t')·x_fake                 (t', z' fresh, or t, z when fake_noise = shared)
+    L_fake = ‖F(xf_t, t', c_fake) − (z' − x_fake)‖²
+    v_fake = sg(F(x_t, t, c_fake))
+    L_mix  = w(t)·‖F_real − ((1−λ)(z − x) + λ·v_fake)‖²
+    L      = λ_p·L_fake + λ_e·L_mix
     """
     B, dev = x.shape[0], x.device
     fake = _all(B, dev)

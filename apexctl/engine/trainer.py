@@ -202,7 +202,11 @@ def train(
         transformer.enable_gradient_checkpointing()
     s = m.shift
     shift = ConditionShift(
-        a=s.a, b=s.b, mode=s.mode, learnable=s.learnable, site=s.site,
+        a=s.a,
+        b=s.b,
+        mode=s.mode,
+        learnable=s.learnable,
+        site=s.site,
         dim=(backbone.condition_dim() if s.site == "projection" else backbone.embed_dim) if s.mode == "diag" else None,
     )
     named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
@@ -294,7 +298,7 @@ def train(
                 x, cond = cache.batch(idx, drop, empty)
                 x, cond = x.to(acc.device), cond.to(acc.device)
                 sync = micro == tr.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(wrapped)), acc.autocast():
+                with nullcontext() if sync else acc.no_sync(wrapped), acc.autocast():
                     out: LossOut = objective(net, x, cond)
                     acc.backward(out.loss / tr.grad_accum)
                 loss_sum += float(out.loss.detach()) / tr.grad_accum
