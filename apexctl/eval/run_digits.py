@@ -7,6 +7,7 @@ step count. Every row sees the same prompts and the same seeds (image k of a pro
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def run_eval_digits(
     from apexctl.models import load_backbone, resolve_model_path
     from apexctl.sampling import resolve_model
 
-    console = Console(stderr=False)
+    console = Console(width=None if sys.stdout.isatty() else 120)  # logs/CI: the full table, not a squeezed one
     split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
     judge = DigitsJudge.fit(split, seed=0)
     prompts = eval_prompts()
