@@ -64,6 +64,9 @@ class MethodSpec(_Strict):
     rectify_weight: float = Field(0.5, ge=0.0, description="μ")
     delta_clip: float | None = Field(1.0, gt=0.0, description="δ; null = no clamp")
     reference: Literal["self", "ema"] = "self"
+    reference_guidance: float = Field(
+        1.0, ge=1.0, description="CFG scale of the reference in Δ (needs '' in the cache)"
+    )
     # apex_paper (DESIGN §5.3)
     mix_weight: float = Field(1.0, ge=0.0, description="λ_e")
     lambda_mix: float = Field(0.5, ge=0.0, le=1.0)

@@ -150,3 +150,19 @@ def test_loss_terms_are_named():
     assert set(out.terms) == {"fm", "fake", "rect", "delta_abs"}
     out = apex_paper(Net(bb, ConditionShift()), X, COND, ApexPaperConfig(), generator=torch.Generator().manual_seed(0))
     assert {"fake", "mix"} <= set(out.terms)
+
+
+def test_apex_guided_reference_by_hand():
+    a, b, w, g = -1.0, 0.0, 0.7, 3.0
+    bb = LinearBackbone(0.5, -0.3, w)
+    e0 = torch.tensor([0.2, 0.2]).reshape(2, 1, 1)
+    uncond = Cond(e0, torch.ones(2, 1, dtype=torch.long))
+    cfg = ApexConfig(delta_clip=None, reference_guidance=g)
+    out = apex(
+        Net(bb, ConditionShift(a=a, b=b)), X, COND, cfg, generator=torch.Generator().manual_seed(5), uncond=uncond
+    )
+    e, e0 = E.reshape(-1, 1, 1, 1), e0.reshape(-1, 1, 1, 1)
+    delta = (a * w * e + b) - w * (e0 + g * (e - e0))  # the αu + βs parts cancel
+    assert out.terms["rect"].item() == pytest.approx((delta**2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="uncond"):
+        apex(Net(bb, ConditionShift()), X, COND, cfg)

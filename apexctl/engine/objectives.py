@@ -76,6 +76,7 @@ class ApexConfig:
     fake_weight: float = 1.0  # λ_p
     rectify_weight: float = 0.5  # μ
     delta_clip: float | None = 1.0  # δ; None = no clamp
+    reference_guidance: float = 1.0  # > 1: F_ref is the family's CFG of F_ref(c) and F_ref(∅) (needs ``uncond``)
 
 
 def apex(
@@ -85,6 +86,7 @@ def apex(
     cfg: ApexConfig,
     reference: Reference | None = None,
     generator: torch.Generator | None = None,
+    uncond: Cond | None = None,
 ) -> LossOut:
     """The shifted branch as the model's own critic::
 
@@ -96,7 +98,9 @@ def apex(
         L_fm   = ‖F(x_t, t, c) − (z − x)‖²,  t ~ p(t) on [0, fm_t_max]
         L      = w_fm·L_fm + λ_p·L_fake + μ·L_rect
 
-    ``reference`` defaults to the current network without gradient (``self``).
+    ``reference`` defaults to the current network without gradient (``self``). With ``reference_guidance`` g > 1
+    the real side of Δ is guided, ``F_ref ← combine(F_ref(u, s, c), F_ref(u, s, ∅), g)`` (``uncond`` = ∅ rows), so
+    the generator is pulled toward the guided teacher distribution.
     """
     B, dev = x.shape[0], x.device
     z = torch.randn(x.shape, generator=generator).to(x)
@@ -117,7 +121,14 @@ def apex(
     loss_fake = _mse(f_fake, velocity_target(x_hat, z2))
 
     with torch.no_grad():
-        f_ref = reference(u, s, cond) if reference is not None else net(u, s, cond)
+        ref = reference if reference is not None else net
+        if cfg.reference_guidance > 1.0:
+            if uncond is None:
+                raise ValueError("reference_guidance > 1 needs the unconditional rows (uncond)")
+            both = ref(torch.cat([u, u]), torch.cat([s, s]), Cond.cat([cond, uncond]))
+            f_ref = net.backbone.guidance_combine(both[:B], both[B:], cfg.reference_guidance)
+        else:
+            f_ref = ref(u, s, cond)
         delta = f_fake.detach() - f_ref
         if cfg.delta_clip is not None:
             delta = delta.clamp(-cfg.delta_clip, cfg.delta_clip)

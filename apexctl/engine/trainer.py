@@ -76,6 +76,7 @@ def build_objective(recipe: Recipe, reference=None):
         fake_weight=m.fake_weight,
         rectify_weight=m.rectify_weight,
         delta_clip=m.delta_clip,
+        reference_guidance=m.reference_guidance,
     )
     return partial(apex, cfg=cfg, reference=reference)
 
@@ -242,7 +243,8 @@ def train(
     objective = build_objective(recipe, reference)
 
     sampler = PairSampler(len(cache), seed=tr.seed, cond_dropout=recipe.data.cond_dropout)
-    empty = cache.prompt_index("") if recipe.data.cond_dropout > 0 else None
+    guided_ref = m.objective == "apex" and m.reference_guidance > 1.0
+    empty = cache.prompt_index("") if (recipe.data.cond_dropout > 0 or guided_ref) else None
     counter = StepCounter()
     for obj in (sched, sampler, counter, shift) + ((ema,) if ema is not None else ()):
         acc.register_for_checkpointing(obj)
@@ -299,7 +301,8 @@ def train(
                 x, cond = x.to(acc.device), cond.to(acc.device)
                 sync = micro == tr.grad_accum - 1
                 with nullcontext() if sync else acc.no_sync(wrapped), acc.autocast():
-                    out: LossOut = objective(net, x, cond)
+                    extra = {"uncond": cache.cond(torch.full((len(x),), empty)).to(acc.device)} if guided_ref else {}
+                    out: LossOut = objective(net, x, cond, **extra)
                     acc.backward(out.loss / tr.grad_accum)
                 loss_sum += float(out.loss.detach()) / tr.grad_accum
                 for k, v in out.terms.items():
