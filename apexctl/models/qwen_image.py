@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from apexctl.atomic import replace_dir
 from apexctl.errors import BadInput
 from apexctl.models.base import Backbone, Cond, PixelCodec
 
@@ -91,42 +92,6 @@ def quiet_hub_progress() -> Iterator[None]:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_replace_dir(tmp: Path, dest: Path) -> None:
-    """Move the complete folder ``tmp`` to ``dest``; an existing ``dest`` is replaced only now (after ``tmp`` is done)."""
-    _fsync_tree(tmp)
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
 
 
 class QwenImageBackbone(Backbone):
@@ -272,7 +237,7 @@ class QwenImageBackbone(Backbone):
         try:
             with quiet_hub_progress():
                 self._write_components(tmp, src, dest)
-            atomic_replace_dir(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
