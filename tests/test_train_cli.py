@@ -75,6 +75,7 @@ def test_prepare_writes_manifest(workdir):
 
 
 def test_resume_matches_uninterrupted_run(workdir):
+    # also builds the "full" run that the sample, eval and signal tests below reuse
     full = _recipe(workdir, "full")
     _ok(["distill", str(full), "-q"])
     part = _recipe(workdir, "part")
@@ -180,3 +181,57 @@ def test_eval_digits_reports_rows(workdir):
     assert res["rows"]["real data (held-out)"]["alignment"]["single"] > 0.9
     assert "teacher 1 step" in out
     assert len(list((workdir / "full" / "eval" / "digits").glob("grid_*.png"))) == 4
+
+
+def _patched_objective(monkeypatch, hook):
+    """Wrap the real objective; ``hook(step, out)`` may alter the LossOut or send a signal."""
+    import apexctl.engine.trainer as trainer
+
+    real = trainer.build_objective
+    calls = {"n": 0}
+
+    def build(recipe, reference=None):
+        fn = real(recipe, reference)
+
+        def wrapped(*a, **kw):
+            calls["n"] += 1
+            return hook(calls["n"], fn(*a, **kw))
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "build_objective", build)
+
+
+def test_nonfinite_loss_stops_with_step_and_last_checkpoint(workdir, monkeypatch):
+    def hook(n, out):
+        if n == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    _patched_objective(monkeypatch, hook)
+    r = _recipe(workdir, "nan", train={"checkpoint_every": 2})
+    res = runner.invoke(app, ["distill", str(r), "-q"])
+    assert res.exit_code == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "non-finite loss at step 4" in line and "step-000002" in line and "fake=" in line
+
+
+def test_sigint_checkpoints_and_resume_finishes(workdir, monkeypatch):
+    import os
+    import signal
+
+    def hook(n, out):
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step finishes, then a checkpoint
+        return out
+
+    _patched_objective(monkeypatch, hook)
+    r = _recipe(workdir, "sig")
+    out = _ok(["distill", str(r), "-q"])
+    assert (workdir / "sig" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    assert not (workdir / "sig" / "model").exists() and "checkpointed" in out
+    monkeypatch.undo()
+    _ok(["distill", str(r), "--resume", "auto", "-q"])
+    a, b = _weights(workdir / "full"), _weights(workdir / "sig")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
