@@ -22,7 +22,15 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     path: str = Field(description="local model folder, hub id, or tiny:<preset> (built in code, no download)")
     family: Literal["auto", "qwen_image"] = "auto"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype the model loads in; trained weights are kept in fp32 (mixed precision via autocast)"
+    )
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
 class DataSpec(_Strict):

@@ -40,7 +40,7 @@ def run_sample(
 ) -> Path:
     from apexctl.generate import generate_images
     from apexctl.images import save_grid, save_png
-    from apexctl.models import load_backbone
+    from apexctl.models import load_backbone, load_for_recipe
 
     spec = recipe.sample if recipe is not None else None
     path = resolve_model(recipe, model)
@@ -53,7 +53,7 @@ def run_sample(
             raise BadInput("--size is needed when the model has no recipe next to it")
     steps = steps or (spec.steps if spec else 1)
     guidance = guidance if guidance is not None else (spec.guidance if spec else 1.0)
-    backbone = load_backbone(path)
+    backbone = load_for_recipe(recipe.model, path) if recipe is not None else load_backbone(path)
     all_prompts = [p for p in prompts for _ in range(num_images)]
     seeds = [seed + k for _ in prompts for k in range(num_images)]
     images = generate_images(

@@ -26,10 +26,10 @@ def cache_identity(recipe: Recipe, model_dir: str, family: str) -> dict:
 @torch.no_grad()
 def prepare(recipe: Recipe, *, quiet: bool = False, batch_size: int = 256) -> Path:
     from apexctl.data import digits
-    from apexctl.models import load_backbone, resolve_model_path
+    from apexctl.models import load_for_recipe, resolve_model_path
 
     model_dir = resolve_model_path(recipe.model.path)
-    backbone = load_backbone(model_dir, family=None if recipe.model.family == "auto" else recipe.model.family)
+    backbone = load_for_recipe(recipe.model, model_dir)
     d = recipe.data
     split = digits.load_split(holdout=d.holdout, seed=d.seed)
     pairs = digits.training_pairs(split.train_labels, seed=d.seed)

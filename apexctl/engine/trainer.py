@@ -154,7 +154,7 @@ def train(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from apexctl.data.prepare import cache_identity
-    from apexctl.models import load_backbone, resolve_model_path
+    from apexctl.models import load_for_recipe, resolve_model_path
 
     hw, tr, m = recipe.hardware, recipe.train, recipe.method
     if hw.threads:
@@ -186,17 +186,12 @@ def train(
 
     run = run_dir(recipe)
     model_dir = resolve_model_path(recipe.model.path)
-    backbone = load_backbone(
-        model_dir,
-        family=None if recipe.model.family == "auto" else recipe.model.family,
-        load_text_encoder=False,
-        load_codec=False,
-    )
+    backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
     cache = LatentCache.open(recipe.data.cache_dir)
     want = cache_identity(recipe, model_dir, backbone.family)
     cache.check(want)
 
-    transformer = backbone.transformer
+    transformer = backbone.transformer.float()  # fp32 master weights; autocast gives bf16 compute on GPU
     transformer.requires_grad_(True)
     transformer.train()
     if hw.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):

@@ -41,7 +41,7 @@ def run_eval_digits(
     from apexctl.eval.digits import DigitsJudge, format_table, real_reference
     from apexctl.generate import generate_images
     from apexctl.images import save_grid
-    from apexctl.models import load_backbone, resolve_model_path
+    from apexctl.models import load_for_recipe, resolve_model_path
     from apexctl.sampling import resolve_model
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs/CI: the full table, not a squeezed one
@@ -58,8 +58,8 @@ def run_eval_digits(
     teacher_dir = resolve_model_path(recipe.model.path)
     if teacher_guidance is None:
         teacher_guidance = teacher_sample_spec(teacher_dir).guidance
-    teacher = load_backbone(teacher_dir)
-    student = load_backbone(resolve_model(recipe, None))
+    teacher = load_for_recipe(recipe.model, teacher_dir)
+    student = load_for_recipe(recipe.model, resolve_model(recipe, None))
     rows_spec = [
         (f"teacher {teacher_steps} steps", teacher, teacher_steps, "euler", teacher_guidance),
         ("teacher 1 step", teacher, 1, "one", 1.0),

@@ -88,3 +88,14 @@ def load_backbone(
     return FAMILIES[family].from_pretrained(
         path, dtype=dtype, load_text_encoder=load_text_encoder, load_codec=load_codec
     )
+
+
+def load_for_recipe(spec, path: str | Path | None = None, **kwargs) -> Backbone:
+    """``load_backbone`` with a recipe's ``model`` section (family, dtype); ``path`` overrides ``spec.path``."""
+    family = None if spec.family == "auto" else spec.family
+    return load_backbone(
+        resolve_model_path(str(path if path is not None else spec.path)),
+        family=family,
+        dtype=spec.torch_dtype,
+        **kwargs,
+    )
