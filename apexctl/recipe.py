@@ -97,6 +97,10 @@ class TrainSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an EMA of the trained weights")
+    export: Literal["ema", "live", "both"] = Field(
+        "ema",
+        description="with an EMA: model/ holds the EMA weights (ema), the live ones (live), or EMA + model-live/ (both)",
+    )
     seed: int = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(500, gt=0)

@@ -98,7 +98,29 @@ def test_resume_matches_uninterrupted_run(workdir):
     assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=0, abs=0)
     assert {"loss/fm", "loss/fake", "loss/rect", "grad_norm", "lr", "step_time", "shift/a"} <= set(la[-1])
-    assert (workdir / "full" / "recipe.yaml").is_file() and (workdir / "full" / "model-ema").is_dir()
+    assert (workdir / "full" / "recipe.yaml").is_file()
+
+
+def test_export_holds_ema_weights(workdir):
+    """With an EMA, model/ holds the EMA of the trained weights and model-live/ (export: both) the live ones."""
+    r = _recipe(workdir, "both", train={"export": "both"})
+    _ok(["distill", str(r), "-q"])
+    ema, live = (
+        _weights(workdir / "both"),
+        load_file(str(workdir / "both" / "model-live" / "transformer" / "diffusion_pytorch_model.safetensors")),
+    )
+    torch.testing.assert_close(ema, _weights(workdir / "full"), rtol=0, atol=0)  # same run: export only differs
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
+    # model/ holds exactly the EMA shadow stored in the final checkpoint (same order as named_parameters)
+    from apexctl.models import load_backbone
+
+    ck = workdir / "both" / "checkpoints" / "step-000006"
+    states = [torch.load(p, weights_only=False) for p in sorted(ck.glob("custom_checkpoint_*.pkl"))]
+    shadow = next(s for s in states if isinstance(s, dict) and "shadow" in s)["shadow"]
+    names = [n for n, _ in load_backbone(str(workdir / "both" / "model")).transformer.named_parameters()]
+    assert len(shadow) == len(names)
+    for n, s in zip(names, shadow, strict=True):
+        torch.testing.assert_close(ema[n], s.to(ema[n].dtype), rtol=0, atol=0, msg=n)
 
 
 def test_cache_from_another_model_is_refused(workdir):

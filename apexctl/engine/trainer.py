@@ -344,10 +344,13 @@ def train(
                 return run
 
     if counter.step >= tr.steps and acc.is_main_process:
-        backbone.save_pretrained(run / "model", source=model_dir)
-        if ema is not None:
+        if ema is None or tr.export == "live":
+            backbone.save_pretrained(run / "model", source=model_dir)
+        else:
+            if tr.export == "both":
+                backbone.save_pretrained(run / "model-live", source=model_dir)
             with ema.swapped():
-                backbone.save_pretrained(run / "model-ema", source=model_dir)
+                backbone.save_pretrained(run / "model", source=model_dir)
         if s.learnable:
             write_text(run / "shift.json", json.dumps({"a": shift.a.tolist(), "b": shift.b.tolist()}))
     acc.wait_for_everyone()
