@@ -257,3 +257,9 @@ def test_sigint_checkpoints_and_resume_finishes(workdir, monkeypatch):
     a, b = _weights(workdir / "full"), _weights(workdir / "sig")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_process_count_must_match_the_launch(workdir):
+    r = _recipe(workdir, "procs", hardware={"device": "cpu", "processes": 4})
+    res = runner.invoke(app, ["distill", str(r), "-q"])
+    assert res.exit_code == 2 and "hardware.processes = 4 but this run has 1 process" in res.output

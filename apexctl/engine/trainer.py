@@ -176,6 +176,11 @@ def train(
         fsdp_plugin=fsdp_plugin,
     )
     world = acc.num_processes
+    if hw.processes != world:
+        raise BadInput(
+            f"hardware.processes = {hw.processes} but this run has {world} process(es); launch with "
+            f"`accelerate launch --num_processes {hw.processes} -m apexctl distill RECIPE` or set hardware.processes={world}"
+        )
     global_batch = tr.micro_batch * tr.grad_accum * world
     if tr.global_batch is not None and tr.global_batch != global_batch:
         raise BadInput(
