@@ -80,8 +80,8 @@ def test_dry_run_prints_plan(tmp_path):
 
 
 def test_global_batch_mismatch_exits_2():
-    res = runner.invoke(app, ["distill", str(RECIPES / "digits.yaml"), "--dry-run", "--set", "train.global_batch=64"])
-    assert res.exit_code == 2 and "train.global_batch = 64 but micro_batch" in res.output
+    res = runner.invoke(app, ["distill", str(RECIPES / "digits.yaml"), "--dry-run", "--set", "train.global_batch=100"])
+    assert res.exit_code == 2 and "train.global_batch = 100 but micro_batch" in res.output
 
 
 def test_every_command_has_help():
