@@ -263,3 +263,24 @@ def test_process_count_must_match_the_launch(workdir):
     r = _recipe(workdir, "procs", hardware={"device": "cpu", "processes": 4})
     res = runner.invoke(app, ["distill", str(r), "-q"])
     assert res.exit_code == 2 and "hardware.processes = 4 but this run has 1 process" in res.output
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gradient_checkpointing_and_bf16_autocast(workdir):
+    """Checkpointing recomputes, it must not change the math; bf16 autocast runs and stays close to fp32."""
+    gc = _recipe(workdir, "gc", hardware={"device": "cpu", "gradient_checkpointing": True})
+    _ok(["distill", str(gc), "-q"])
+    assert _losses(workdir / "gc") == pytest.approx(_losses(workdir / "full"), rel=1e-5)
+    bf = _recipe(workdir, "bf16", hardware={"device": "cpu", "precision": "bf16"})
+    _ok(["distill", str(bf), "-q"])
+    lb, lf = _losses(workdir / "bf16"), _losses(workdir / "full")
+    assert lb != lf and lb == pytest.approx(lf, rel=0.1)
+    assert (
+        load_file(str(workdir / "bf16" / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))[
+            "img_in.weight"
+        ].dtype
+        == torch.float32
+    )

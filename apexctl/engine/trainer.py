@@ -169,6 +169,12 @@ def train(
         from accelerate import FullyShardedDataParallelPlugin
 
         fsdp_plugin = FullyShardedDataParallelPlugin(cpu_offload=hw.offload)
+    # accelerate keeps precision/plugins in a process-wide singleton; a second training in the same process
+    # (notebooks, the test suite) with other settings would be refused. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     acc = Accelerator(
         cpu=use_cpu,
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
