@@ -27,25 +27,34 @@ def generate_latents(
     uncond: Cond | None = None,
     renoise: str = "stochastic",
     batch: int = 64,
+    quiet: bool = True,
+    label: str = "sample",
 ) -> torch.Tensor:
     """Latents for ``cond`` rows (one per seed). ``uncond`` is one row (broadcast) for guidance."""
+    from apexctl.progress import progress
+
     shape = backbone.latent_shape(height, width)
     dev = backbone.device
     dtype = next(backbone.transformer.parameters()).dtype
+    u_all = uncond.to(dev, dtype) if uncond is not None else None
     out = []
-    for i in range(0, len(seeds), batch):
-        sl = slice(i, i + batch)
-        z = seeded_noise(shape, seeds[sl]).to(dev, dtype)
-        c = cond[sl].to(dev, dtype)
-        u = None
-        if uncond is not None:
-            u = uncond.to(dev, dtype)
-            u = Cond(u.embeds.expand(len(c), -1, -1), None if u.mask is None else u.mask.expand(len(c), -1), u.pooled)
-        gen = torch.Generator(device="cpu").manual_seed(int(seeds[i]) + 7919)
-        lat = sampler.generate(
-            backbone, z, c, steps, method=method, uncond=u, guidance_scale=guidance, renoise=renoise, generator=gen
-        )
-        out.append(lat.float().cpu())
+    with progress(quiet) as bar:
+        task = bar.add_task(label, total=len(seeds))
+        for i in range(0, len(seeds), batch):
+            sl = slice(i, i + batch)
+            z = seeded_noise(shape, seeds[sl]).to(dev, dtype)
+            c = cond[sl].to(dev, dtype)
+            u = None
+            if u_all is not None:  # one unconditional row, broadcast to the batch
+                mask = None if u_all.mask is None else u_all.mask.expand(len(c), -1)
+                u = Cond(u_all.embeds.expand(len(c), -1, -1), mask, u_all.pooled)
+            # few-step re-noising draws from its own generator, seeded by the batch's first image
+            gen = torch.Generator(device="cpu").manual_seed(int(seeds[i]) + 7919)
+            lat = sampler.generate(
+                backbone, z, c, steps, method=method, uncond=u, guidance_scale=guidance, renoise=renoise, generator=gen
+            )
+            out.append(lat.float().cpu())
+            bar.advance(task, len(c))
     return torch.cat(out)
 
 
@@ -57,7 +66,7 @@ def generate_images(backbone: Backbone, prompts: list[str], seeds: list[int], **
     unique = sorted(set(prompts))
     enc = backbone.encode_prompts(unique)
     rows = torch.tensor([unique.index(p) for p in prompts])
-    cond = enc[rows] if len(unique) > 1 else Cond.cat([enc] * len(prompts))
+    cond = enc[rows]
     uncond = backbone.encode_prompts([negative]) if guidance > 1.0 else None
     lat = generate_latents(backbone, cond, seeds, uncond=uncond, **kw)
     dtype = next(backbone.transformer.parameters()).dtype

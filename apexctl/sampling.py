@@ -67,6 +67,7 @@ def run_sample(
         guidance=guidance,
         negative_prompt=spec.negative_prompt if spec else "",
         renoise=spec.renoise if spec else "stochastic",
+        quiet=quiet,
     )
     folder = out or (Path(path).parent / "samples" if Path(path).is_dir() else Path("samples"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,8 @@ def run_eval_digits(
             negative_prompt=s.negative_prompt,
             renoise=s.renoise,
             batch=256,
+            quiet=quiet,
+            label=name,
         )
         scored = judge.score(images, allowed, kinds)
         scored["seconds"] = round(time.perf_counter() - t0, 2)
