@@ -19,12 +19,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSpec(_Strict):
+    rank: int = Field(32, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    targets: list[str] | None = Field(None, description="module names; null = the family's default targets")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init: Literal["default", "gaussian"] = "default"
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="local model folder, hub id, or tiny:<preset> (built in code, no download)")
     family: Literal["auto", "qwen_image"] = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="dtype the model loads in; trained weights are kept in fp32 (mixed precision via autocast)"
     )
+
+    lora: LoraSpec | None = Field(None, description="train a LoRA adapter instead of all weights")
 
     @property
     def torch_dtype(self):
@@ -71,7 +81,7 @@ class MethodSpec(_Strict):
     fake_weight: float = Field(1.0, ge=0.0, description="λ_p")
     rectify_weight: float = Field(0.5, ge=0.0, description="μ")
     delta_clip: float | None = Field(1.0, gt=0.0, description="δ; null = no clamp")
-    reference: Literal["self", "ema"] = "self"
+    reference: Literal["self", "ema", "base"] = Field("self", description="F_ref in Δ; base = LoRA adapters off")
     reference_guidance: float = Field(
         1.0, ge=1.0, description="CFG scale of the reference in Δ (needs '' in the cache)"
     )
@@ -148,6 +158,12 @@ class Recipe(_Strict):
     hardware: HardwareSpec = HardwareSpec()
     sample: SampleSpec = SampleSpec()
     output: OutputSpec = OutputSpec()
+
+    @model_validator(mode="after")
+    def _base_reference_needs_lora(self) -> Recipe:
+        if self.method.reference == "base" and self.model.lora is None:
+            raise ValueError("method.reference = 'base' needs model.lora (the base is the model with adapters off)")
+        return self
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -15,13 +15,29 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def resolve_model(recipe: Recipe | None, model: str | None) -> str:
+    """The model folder to sample: ``--model``, else the recipe's trained ``model/`` (or its base for a LoRA run)."""
     if model is not None:
         return model
     assert recipe is not None
-    trained = Path(recipe.output.dir) / "model"
+    run = Path(recipe.output.dir)
+    if recipe.model.lora is not None:
+        if not (run / "lora").is_dir():
+            raise BadInput(f"{run / 'lora'}: no trained LoRA yet for this recipe; run `apexctl distill` first")
+        return recipe.model.path
+    trained = run / "model"
     if not trained.is_dir():
         raise BadInput(f"{trained}: no trained model yet for this recipe; run `apexctl distill` first or pass --model")
     return str(trained)
+
+
+def load_trained(recipe: Recipe, model: str | None = None):
+    """The recipe's trained model as a Backbone: ``model/``, or the base with ``lora/`` attached."""
+    from apexctl.models import load_for_recipe
+
+    backbone = load_for_recipe(recipe.model, resolve_model(recipe, model))
+    if model is None and recipe.model.lora is not None:
+        backbone.load_lora(Path(recipe.output.dir) / "lora")
+    return backbone
 
 
 def run_sample(
@@ -40,7 +56,7 @@ def run_sample(
 ) -> Path:
     from apexctl.generate import generate_images
     from apexctl.images import save_grid, save_png
-    from apexctl.models import load_backbone, load_for_recipe
+    from apexctl.models import load_backbone
 
     spec = recipe.sample if recipe is not None else None
     path = resolve_model(recipe, model)
@@ -53,7 +69,7 @@ def run_sample(
             raise BadInput("--size is needed when the model has no recipe next to it")
     steps = steps or (spec.steps if spec else 1)
     guidance = guidance if guidance is not None else (spec.guidance if spec else 1.0)
-    backbone = load_for_recipe(recipe.model, path) if recipe is not None else load_backbone(path)
+    backbone = load_trained(recipe, model) if recipe is not None else load_backbone(path)
     all_prompts = [p for p in prompts for _ in range(num_images)]
     seeds = [seed + k for _ in prompts for k in range(num_images)]
     images = generate_images(
@@ -69,7 +85,12 @@ def run_sample(
         renoise=spec.renoise if spec else "stochastic",
         quiet=quiet,
     )
-    folder = out or (Path(path).parent / "samples" if Path(path).is_dir() else Path("samples"))
+    if out is not None:
+        folder = out
+    elif recipe is not None and model is None:
+        folder = Path(recipe.output.dir) / "samples"
+    else:
+        folder = Path(path).parent / "samples" if Path(path).is_dir() else Path("samples")
     folder.mkdir(parents=True, exist_ok=True)
     for i, (p, s) in enumerate(zip(all_prompts, seeds, strict=True)):
         save_png(images[i], folder / f"{i:03d}_{_slug(p)}_seed{s}.png")

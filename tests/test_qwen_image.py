@@ -207,3 +207,13 @@ def test_condition_site_is_txt_in(qwen):
         handle.remove()
     assert seen == [torch.Size([2, cond.embeds.shape[1], qwen.transformer.inner_dim])]
     assert qwen.condition_dim() == qwen.transformer.inner_dim
+
+
+def test_one_step_euler_schedule_is_finite_despite_shift_terminal():
+    """Qwen-Image's scheduler config (shift_terminal 0.02) makes diffusers' 1-step schedule NaN; ours is [1, 0]."""
+    from apexctl.models import load_backbone, resolve_model_path
+
+    bb = load_backbone(resolve_model_path("tiny:test"))
+    assert bb.scheduler.config.get("shift_terminal")
+    torch.testing.assert_close(bb.teacher_sigmas(1, (4, 8, 8)), torch.tensor([1.0, 0.0]))
+    assert torch.isfinite(bb.teacher_sigmas(4, (4, 8, 8))).all()

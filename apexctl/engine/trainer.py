@@ -37,6 +37,7 @@ from apexctl.engine.objectives import (
 )
 from apexctl.engine.shift import ConditionShift
 from apexctl.errors import ApexError, BadInput
+from apexctl.lora import adapters_disabled, add_lora
 from apexctl.recipe import Recipe, TimeSpec
 
 
@@ -202,8 +203,19 @@ def train(
     want = cache_identity(recipe, model_dir, backbone.family)
     cache.check(want)
 
-    transformer = backbone.transformer.float()  # fp32 master weights; autocast gives bf16 compute on GPU
-    transformer.requires_grad_(True)
+    lora = recipe.model.lora
+    transformer = backbone.transformer
+    if lora is not None:  # frozen base in its dtype, fp32 adapter
+        add_lora(
+            transformer,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            targets=lora.targets or backbone.lora_targets,
+            dropout=lora.dropout,
+            init=lora.init,
+        )
+    else:
+        transformer.float().requires_grad_(True)  # fp32 master weights; autocast gives bf16 compute on GPU
     transformer.train()
     if hw.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
@@ -245,6 +257,12 @@ def train(
                     return _net(u, t, c)
             finally:
                 backbone.set_forward_module(_live)
+
+    elif m.reference == "base":
+
+        def reference(u, t, c, _net=net):
+            with torch.no_grad(), adapters_disabled(transformer):
+                return _net(u, t, c)
 
     objective = build_objective(recipe, reference)
 
@@ -355,13 +373,22 @@ def train(
                 return run
 
     if counter.step >= tr.steps and acc.is_main_process:
+        # LoRA runs export the adapter (diffusers format) to lora/, full runs a complete model folder to model/
+        name = "lora" if lora is not None else "model"
+
+        def export(folder: Path) -> None:
+            if lora is not None:
+                backbone.save_lora(folder)
+            else:
+                backbone.save_pretrained(folder, source=model_dir)
+
         if ema is None or tr.export == "live":
-            backbone.save_pretrained(run / "model", source=model_dir)
+            export(run / name)
         else:
             if tr.export == "both":
-                backbone.save_pretrained(run / "model-live", source=model_dir)
+                export(run / f"{name}-live")
             with ema.swapped():
-                backbone.save_pretrained(run / "model", source=model_dir)
+                export(run / name)
         if s.learnable:
             write_text(run / "shift.json", json.dumps({"a": shift.a.tolist(), "b": shift.b.tolist()}))
     acc.wait_for_everyone()

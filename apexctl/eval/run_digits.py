@@ -42,7 +42,7 @@ def run_eval_digits(
     from apexctl.generate import generate_images
     from apexctl.images import save_grid
     from apexctl.models import load_for_recipe, resolve_model_path
-    from apexctl.sampling import resolve_model
+    from apexctl.sampling import load_trained
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs/CI: the full table, not a squeezed one
     split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
@@ -59,7 +59,7 @@ def run_eval_digits(
     if teacher_guidance is None:
         teacher_guidance = teacher_sample_spec(teacher_dir).guidance
     teacher = load_for_recipe(recipe.model, teacher_dir)
-    student = load_for_recipe(recipe.model, resolve_model(recipe, None))
+    student = load_trained(recipe)
     rows_spec = [
         (f"teacher {teacher_steps} steps", teacher, teacher_steps, "euler", teacher_guidance),
         ("teacher 1 step", teacher, 1, "one", 1.0),

@@ -158,6 +158,14 @@ class Backbone(ABC, nn.Module):
     def teacher_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
         """The family's native Euler schedule: ``num_steps + 1`` times from 1 (noise) down to 0, as its pipeline uses."""
 
+    def save_lora(self, path: str | Path) -> Path:
+        """Write the denoiser's ``default`` adapter in the family pipeline's diffusers LoRA format (alpha kept)."""
+        raise NotImplementedError(f"{self.family}: LoRA export is not implemented")
+
+    def load_lora(self, path: str | Path) -> None:
+        """Attach a LoRA written by ``save_lora`` (or any diffusers-format LoRA for this family) to the denoiser."""
+        raise NotImplementedError(f"{self.family}: LoRA loading is not implemented")
+
     def set_forward_module(self, module: nn.Module | None) -> None:
         """Route forward passes through ``module`` (e.g. the DDP/FSDP-wrapped transformer); None restores it.
 

@@ -222,6 +222,41 @@ class QwenImageBackbone(Backbone):
     def is_pixel(self) -> bool:
         return self.codec_config.get("type") == "pixel"
 
+    def save_lora(self, path: str | Path) -> Path:
+        """``QwenImagePipeline.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives), written
+        to a temporary folder and renamed; an all-zero adapter is refused."""
+        import tempfile
+
+        from diffusers import QwenImagePipeline
+
+        from apexctl.lora import WEIGHT_NAME, adapter_metadata, adapter_state, check_not_zero
+
+        state = adapter_state(self.transformer)
+        check_not_zero(state)
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        with quiet_hub_progress():
+            QwenImagePipeline.save_lora_weights(
+                tmp,
+                transformer_lora_layers=state,
+                weight_name=WEIGHT_NAME,
+                transformer_lora_adapter_metadata=adapter_metadata(self.transformer),
+            )
+        replace_dir(tmp, dest)
+        return dest
+
+    def load_lora(self, path: str | Path) -> None:
+        from apexctl.lora import WEIGHT_NAME
+
+        folder = Path(path)
+        if not (folder / WEIGHT_NAME).is_file():
+            raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
+        with quiet_hub_progress():
+            self.transformer.load_lora_adapter(
+                str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
+            )
+
     def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
         """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
 
@@ -397,5 +432,9 @@ class QwenImageBackbone(Backbone):
             cfg.get("max_shift", 1.15),
         )
         scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
+        if num_steps == 1 and cfg.get("shift_terminal"):
+            # diffusers' terminal stretch divides by 1 − σ_last = 0 for a single step (the stock pipeline returns
+            # NaN there); one Euler step from σ = 1 to 0 is the only sensible schedule.
+            scheduler = type(self.scheduler).from_config(cfg, shift_terminal=None)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
         return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
