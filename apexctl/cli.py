@@ -170,6 +170,32 @@ def sample(
     typer.echo(f"wrote {len(texts) * num_images} images and grid.png to {folder}")
 
 
+@app.command("merge-lora")
+@handle_errors
+def merge_lora_cmd(
+    lora: Annotated[Path, typer.Option("--lora", help="a LoRA run folder (base from its recipe) or a LoRA folder")],
+    out: Annotated[Path, typer.Option("--out", help="output model folder (written atomically)")],
+    base: Annotated[Optional[str], typer.Option("--base", help="base model folder / hub id / tiny:<preset>")] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="fp32 | bf16 | fp16 (merged in fp32, cast at the end)")
+    ] = "fp32",
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="max relative velocity difference merged vs adapter")
+    ] = 1e-4,
+    keep_scheduler: Annotated[
+        bool,
+        typer.Option("--keep-scheduler", help="keep the base scheduler's shift_terminal (NaN at 1 step in diffusers)"),
+    ] = False,
+) -> None:
+    """Merge a LoRA into its base: a plain diffusers model folder, checked for parity before it is kept."""
+    from apexctl.merge import merge_lora
+
+    info = merge_lora(lora, out, base=base, dtype=dtype, tolerance=tolerance, one_step_scheduler=not keep_scheduler)
+    typer.echo(
+        f"merged {info['lora']} into {info['base']} → {info['out']} ({info['dtype']}, parity {info['parity_rel_err']:.1e})"
+    )
+
+
 @eval_app.command("digits")
 @handle_errors
 def eval_digits(

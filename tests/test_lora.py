@@ -133,3 +133,42 @@ def test_base_reference_needs_lora(tmp_path):
     p.write_text("model: {path: tiny:digits}\nmethod: {reference: base}\n")
     res = runner.invoke(app, ["distill", str(p), "--dry-run"])
     assert res.exit_code == 2 and "needs model.lora" in res.output
+
+
+def test_merge_lora_loads_in_stock_pipeline_and_matches_one_step(lora_run, tmp_path):
+    tmp, recipe = lora_run
+    from diffusers import QwenImagePipeline
+
+    from apexctl.engine.sampler import one_step
+    from apexctl.models.qwen_image import pack_latents
+    from apexctl.sampling import load_trained
+
+    out = tmp_path / "merged"
+    res = runner.invoke(app, ["merge-lora", "--lora", str(tmp / "run"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    pipe = QwenImagePipeline.from_pretrained(str(out))  # stock loading, stock scheduler config as written
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    stock = pipe(
+        "any digit",
+        num_inference_steps=1,
+        height=32,
+        width=32,
+        latents=pack_latents(z),
+        output_type="latent",
+        true_cfg_scale=1.0,
+    ).images
+    ours = load_trained(load_recipe(recipe))
+    torch.testing.assert_close(
+        stock, pack_latents(one_step(ours, z, ours.encode_prompts(["any digit"]))), atol=1e-5, rtol=1e-5
+    )
+    assert not any(".lora_" in k for k in load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")))
+
+
+def test_merge_lora_parity_failure_leaves_nothing(lora_run, tmp_path):
+    tmp, _ = lora_run
+    out = tmp_path / "bad"
+    res = runner.invoke(app, ["merge-lora", "--lora", str(tmp / "run"), "--out", str(out), "--tolerance", "-1"])
+    assert res.exit_code == 1 and "merge parity failed" in res.output and not out.exists()
+    res = runner.invoke(app, ["merge-lora", "--lora", str(tmp_path), "--out", str(out)])
+    assert res.exit_code == 2 and "neither a run folder" in res.output
