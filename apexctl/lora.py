@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 from apexctl.errors import ApexError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_NAME = "comfyui_lora.safetensors"
 
 
 def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[str], dropout: float, init: str) -> None:
@@ -67,3 +69,38 @@ def adapter_metadata(transformer: nn.Module) -> dict:
     cfg = transformer.peft_config["default"].to_dict()
     cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else cfg.get("target_modules")
     return cfg
+
+
+def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft/diffusers adapter keys (``<module>.lora_A.weight``) → ComfyUI's generic LoRA keys.
+
+    ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` plus ``diffusion_model.<module>.alpha``: ComfyUI
+    applies ΔW = (alpha / rank)·B·A, the same update peft applies with ``lora_alpha`` — the alpha travels in the
+    file, not in metadata ComfyUI does not read.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("transformer.")
+        module, _, kind = key.rpartition(".lora_")
+        if not module or kind not in ("A.weight", "B.weight"):
+            raise ApexError(f"unexpected LoRA key {key!r} (expected <module>.lora_A.weight / .lora_B.weight)")
+        out[f"diffusion_model.{module}.lora_{kind}"] = value
+        out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_comfyui(transformer: nn.Module, folder: Path) -> Path:
+    """Write ``folder/comfyui_lora.safetensors`` from the ``default`` adapter (uniform rank and alpha only)."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from apexctl.atomic import write_bytes
+
+    cfg = transformer.peft_config["default"]
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        raise ApexError("ComfyUI export supports one rank and alpha for all modules (rank_pattern/alpha_pattern set)")
+    state = adapter_state(transformer)
+    check_not_zero(state)
+    path = Path(folder) / COMFYUI_NAME
+    meta = {"format": "pt", "lora_alpha": str(cfg.lora_alpha), "rank": str(cfg.r)}
+    write_bytes(path, safetensors_bytes(to_comfyui(state, cfg.lora_alpha), metadata=meta))
+    return path

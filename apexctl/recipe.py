@@ -147,7 +147,9 @@ class SampleSpec(_Strict):
 
 class OutputSpec(_Strict):
     dir: str = "runs/digits"
-    sample_prompts: list[str] = Field(default_factory=list, description="fixed-seed grid at every checkpoint")
+    lora_formats: list[Literal["diffusers", "comfyui"]] = Field(
+        default_factory=lambda: ["diffusers"], description="LoRA runs: files written to RUN/lora/ (diffusers always)"
+    )
 
 
 class Recipe(_Strict):

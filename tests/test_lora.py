@@ -30,7 +30,7 @@ def lora_run(tmp_path_factory):
         "method": {"objective": "apex", "reference": "base"},
         "train": {"steps": 4, "micro_batch": 4, "lr": 1e-3, "ema_decay": 0.5, "log_every": 1, "checkpoint_every": 100},
         "hardware": {"device": "cpu"},
-        "output": {"dir": str(tmp / "run")},
+        "output": {"dir": str(tmp / "run"), "lora_formats": ["diffusers", "comfyui"]},
     }
     recipe = tmp / "lora.yaml"
     recipe.write_text(yaml.safe_dump(tree))
@@ -172,3 +172,23 @@ def test_merge_lora_parity_failure_leaves_nothing(lora_run, tmp_path):
     assert res.exit_code == 1 and "merge parity failed" in res.output and not out.exists()
     res = runner.invoke(app, ["merge-lora", "--lora", str(tmp_path), "--out", str(out)])
     assert res.exit_code == 2 and "neither a run folder" in res.output
+
+
+def test_comfyui_file_encodes_the_merged_update(lora_run, tmp_path):
+    """ComfyUI applies ΔW = (alpha/rank)·B·A per module; that must equal what diffusers' fuse_lora merged."""
+    tmp, _ = lora_run
+    from apexctl.models import resolve_model_path
+
+    comfy = load_file(str(tmp / "run" / "lora" / "comfyui_lora.safetensors"))
+    modules = sorted({k[: -len(".alpha")] for k in comfy if k.endswith(".alpha")})
+    assert modules and all(k.startswith("diffusion_model.transformer_blocks.") for k in comfy)
+    assert {float(comfy[m + ".alpha"]) for m in modules} == {8.0}
+    out = tmp_path / "merged"
+    assert runner.invoke(app, ["merge-lora", "--lora", str(tmp / "run"), "--out", str(out)]).exit_code == 0
+    merged = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(str(Path(resolve_model_path("tiny:test")) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for m in modules:
+        name = m.removeprefix("diffusion_model.") + ".weight"
+        a, b = comfy[m + ".lora_A.weight"], comfy[m + ".lora_B.weight"]
+        delta = float(comfy[m + ".alpha"]) / a.shape[0] * (b @ a)
+        torch.testing.assert_close(merged[name] - base[name], delta, atol=1e-6, rtol=1e-4, msg=name)

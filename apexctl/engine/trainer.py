@@ -37,7 +37,7 @@ from apexctl.engine.objectives import (
 )
 from apexctl.engine.shift import ConditionShift
 from apexctl.errors import ApexError, BadInput
-from apexctl.lora import adapters_disabled, add_lora
+from apexctl.lora import adapters_disabled, add_lora, save_comfyui
 from apexctl.recipe import Recipe, TimeSpec
 
 
@@ -379,6 +379,8 @@ def train(
         def export(folder: Path) -> None:
             if lora is not None:
                 backbone.save_lora(folder)
+                if "comfyui" in recipe.output.lora_formats:
+                    save_comfyui(transformer, folder)
             else:
                 backbone.save_pretrained(folder, source=model_dir)
 
