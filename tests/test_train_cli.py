@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -284,3 +285,24 @@ def test_gradient_checkpointing_and_bf16_autocast(workdir):
         ].dtype
         == torch.float32
     )
+
+
+@pytest.mark.parametrize(("spec", "family"), [("tiny:sd3", "sd3"), ("tiny:sana", "sana")])
+def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spec, family):
+    """Each family's tiny build is found from its folder alone and trains a few APEX steps from the cache."""
+    monkeypatch.setenv("APEXCTL_HOME", str(tmp_path / "home"))
+    from apexctl.models import load_backbone, resolve_model_path
+
+    assert load_backbone(resolve_model_path(spec)).family == family
+    r = _recipe(
+        tmp_path,
+        family,
+        model={"path": spec},
+        data={"cache_dir": str(tmp_path / "cache"), "resolution": 32},
+        train={"steps": 2, "micro_batch": 2},
+    )
+    _ok(["prepare", str(r), "-q"])
+    _ok(["distill", str(r), "-q"])
+    rows = [json.loads(x) for x in (tmp_path / family / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
+    assert (tmp_path / family / "model" / "transformer").is_dir()

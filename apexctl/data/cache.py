@@ -4,7 +4,7 @@ Layout (one folder, written atomically)::
 
     manifest.json        source, family, model fingerprint, shapes, counts, per-file sha256, prompts
     latents.safetensors  latents [N, C, h, w]
-    prompts.safetensors  embeds [P, L, D], mask [P, L]
+    prompts.safetensors  embeds [P, L, D], mask [P, L], pooled [P, D'] (families with pooled text embeddings)
     pairs.safetensors    image [M], prompt [M]     (a training example is a pair; one image may carry many prompts)
 
 Training reads only this folder: the text encoder and the codec are never loaded.
@@ -73,12 +73,16 @@ def write_cache(
     pair_prompt: torch.Tensor,
     prompts: list[str],
     meta: dict,
+    pooled: torch.Tensor | None = None,
 ) -> Path:
     """Write a complete cache atomically (a half-written cache never has a manifest under the final name)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
-        save_file({"embeds": embeds.contiguous(), "mask": mask.contiguous()}, str(tmp / "prompts.safetensors"))
+        text = {"embeds": embeds.contiguous(), "mask": mask.contiguous()}
+        if pooled is not None:
+            text["pooled"] = pooled.contiguous()
+        save_file(text, str(tmp / "prompts.safetensors"))
         save_file(
             {"image": pair_image.long().contiguous(), "prompt": pair_prompt.long().contiguous()},
             str(tmp / "pairs.safetensors"),
@@ -109,6 +113,7 @@ class LatentCache:
     mask: torch.Tensor
     pair_image: torch.Tensor
     pair_prompt: torch.Tensor
+    pooled: torch.Tensor | None = None
 
     @classmethod
     def open(cls, root: str | Path, verify_checksums: bool = True) -> LatentCache:
@@ -128,7 +133,9 @@ class LatentCache:
         lat = load_file(str(root / "latents.safetensors"))
         pr = load_file(str(root / "prompts.safetensors"))
         pa = load_file(str(root / "pairs.safetensors"))
-        return cls(root, manifest, lat["latents"], pr["embeds"], pr["mask"], pa["image"], pa["prompt"])
+        return cls(
+            root, manifest, lat["latents"], pr["embeds"], pr["mask"], pa["image"], pa["prompt"], pr.get("pooled")
+        )
 
     @property
     def prompts(self) -> list[str]:
@@ -151,7 +158,8 @@ class LatentCache:
         """Cond rows for prompt indices, trimmed to the longest valid length in the batch."""
         m = self.mask[prompt_idx]
         length = max(int(m.sum(1).max()), 1)
-        return Cond(self.embeds[prompt_idx, :length], m[:, :length])
+        pooled = self.pooled[prompt_idx] if self.pooled is not None else None
+        return Cond(self.embeds[prompt_idx, :length], m[:, :length], pooled)
 
     def prompt_index(self, prompt: str) -> int:
         try:

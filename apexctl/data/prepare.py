@@ -64,4 +64,5 @@ def prepare(recipe: Recipe, *, quiet: bool = False, batch_size: int = 256) -> Pa
         pair_prompt=torch.tensor([index[p] for _, p in pairs]),
         prompts=prompts,
         meta=meta,
+        pooled=None if cond.pooled is None else cond.pooled.float().cpu(),
     )

@@ -13,11 +13,13 @@ import torch
 from apexctl.errors import BadInput
 from apexctl.models.base import Backbone, Cond, PixelCodec
 from apexctl.models.qwen_image import QwenImageBackbone
+from apexctl.models.sana import SanaBackbone
+from apexctl.models.sd3 import SD3Backbone
 from apexctl.models.tiny import build_tiny_qwen_image, resolve_model_path
 
-FAMILIES: dict[str, type[Backbone]] = {"qwen_image": QwenImageBackbone}
+FAMILIES: dict[str, type[Backbone]] = {"qwen_image": QwenImageBackbone, "sd3": SD3Backbone, "sana": SanaBackbone}
 #: model_index.json ``_class_name`` → family
-PIPELINE_FAMILIES = {"QwenImagePipeline": "qwen_image"}
+PIPELINE_FAMILIES = {"QwenImagePipeline": "qwen_image", "StableDiffusion3Pipeline": "sd3", "SanaPipeline": "sana"}
 
 __all__ = [
     "FAMILIES",

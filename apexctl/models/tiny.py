@@ -77,9 +77,27 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [a, b, half - a - b]
 
 
+#: tiny builds of the other families (one builder each, no size overrides): preset → "module:function"
+OTHER_FAMILIES = {"sd3": "apexctl.models.tiny_sd3:build_tiny_sd3", "sana": "apexctl.models.tiny_sana:build_tiny_sana"}
+
+
+def _build(preset: str, out: Path, seed: int, overrides: dict[str, int]) -> None:
+    if preset in OTHER_FAMILIES:
+        import importlib
+
+        module, fn = OTHER_FAMILIES[preset].split(":")
+        getattr(importlib.import_module(module), fn)(out, seed=seed)
+    else:
+        build_tiny_qwen_image(out, preset=preset, seed=seed, **overrides)
+
+
 def _sizes(preset: str, overrides: dict) -> dict[str, int]:
+    if preset in OTHER_FAMILIES:
+        if overrides:
+            raise BadInput(f"tiny:{preset} takes no size settings (only seed)")
+        return {}
     if preset not in PRESETS:
-        raise BadInput(f"tiny preset {preset!r} is unknown (allowed: {', '.join(PRESETS)})")
+        raise BadInput(f"tiny preset {preset!r} is unknown (allowed: {', '.join([*PRESETS, *OTHER_FAMILIES])})")
     unknown = sorted(set(overrides) - set(_SIZES))
     if unknown:
         raise BadInput(f"tiny:{preset}: unknown setting {unknown[0]!r} (allowed: {', '.join(_SIZES)}, seed)")
@@ -209,7 +227,7 @@ def resolve_model_path(spec: str) -> str:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{dest.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_tiny_qwen_image(tmp, preset=preset, seed=seed, **overrides)
+        _build(preset, tmp, seed, overrides)
         try:
             os.rename(tmp, dest)
         except OSError:

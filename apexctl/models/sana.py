@@ -1,0 +1,407 @@
+"""SANA adapter: the stock diffusers ``SanaPipeline`` components behind the Backbone interface (DESIGN §4).
+
+Native conventions translated here (diffusers ``pipelines/sana/pipeline_sana.py``):
+
+- Latents are ``[B, C, h, w]`` (no packing), normalised as ``vae.encode(x).latent * scaling_factor``; decoding
+  divides by ``scaling_factor``.
+- The transformer takes ``timestep = scheduler_t * timestep_scale`` where ``scheduler_t = σ · num_train_timesteps``
+  (``FlowMatchEulerDiscreteScheduler``: float; ``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` rounds it to an
+  integer, which we do not); ``timestep_scale`` is a transformer config value (1.0 in SANA 1.0/1.5).
+- It predicts the flow velocity ``noise − x0`` (``prediction_type="flow_prediction"``), already our ``v = z − x``. A
+  learned-sigma head (``out_channels = 2C``) is cut to its first half, as the pipeline does.
+- CFG is plain ``u + s(c − u)``.
+- Prompts: Gemma-2 last hidden state, right padding to ``max_sequence_length = 300`` with the attention mask passed to
+  the transformer. The positive prompt is prefixed with the pipeline's default ``complex_human_instruction`` (CHI) and
+  then cut to [BOS] + the last 299 tokens; the **negative** prompt is encoded without CHI. ``encode_prompts`` therefore
+  encodes the empty string ``""`` (the unconditional prompt everywhere in apexctl) like the pipeline's default
+  ``negative_prompt=""``, every other prompt like a positive one; ``encode_negative_prompts`` encodes any string as a
+  negative prompt.
+- Schedule: the hub SANA models ship ``DPMSolverMultistepScheduler`` (flow sigmas, DPM-Solver++ 2M). ``teacher_sigmas``
+  returns its σ grid (starting at 0.9997, not 1), but our first-order Euler only approximates that pipeline; with a
+  ``FlowMatchEulerDiscreteScheduler`` (as the tiny build uses) Euler on ``teacher_sigmas`` reproduces the pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apexctl.atomic import replace_dir
+from apexctl.errors import BadInput
+from apexctl.models.base import Backbone, Cond
+from apexctl.models.qwen_image import MODEL_MARKER, _link_tree, _one_line, _write_json, quiet_hub_progress
+
+#: schedulers SanaPipeline is used with (model_index.json records the one present)
+SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+
+
+def default_complex_human_instruction() -> list[str]:
+    """``SanaPipeline.__call__``'s default ``complex_human_instruction`` (read from the installed diffusers)."""
+    from diffusers import SanaPipeline
+
+    return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+
+
+class SanaBackbone(Backbone):
+    """SANA (``SanaPipeline``'s components). ``transformer`` is trainable; text encoder and ``AutoencoderDC`` frozen.
+
+    ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
+    """
+
+    family = "sana"
+    lora_targets = [
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+    ]
+    #: SanaPipeline.__call__'s default max_sequence_length
+    max_sequence_length = 300
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        *,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+        codec: nn.Module | None = None,
+        codec_config: dict | None = None,
+        complex_human_instruction: list[str] | None = None,
+    ):
+        """``codec_config``: the VAE config dict, taken from ``codec`` when not given. ``complex_human_instruction``:
+        the CHI lines for positive prompts (``None``: the pipeline's default; ``[]``: none)."""
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        if codec_config is None:
+            if codec is None:
+                raise ValueError("codec_config is required when no codec is given")
+            codec_config = dict(codec.config)
+        self.codec_config = dict(codec_config)
+        self.complex_human_instruction = complex_human_instruction
+        if getattr(transformer.config, "guidance_embeds", False):
+            raise BadInput("SANA transformers with guidance_embeds (SANA-Sprint) are not supported")
+        for frozen in (text_encoder, codec):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+
+    # -- loading / saving ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        load_text_encoder: bool = True,
+        load_codec: bool = True,
+    ) -> SanaBackbone:
+        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
+
+        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or the tokenizer is empty.
+        """
+        import diffusers
+        from diffusers import AutoencoderDC, SanaTransformer2DModel
+        from transformers import Gemma2Model, GemmaTokenizer
+
+        path = str(path)
+
+        def load(sub: str, fn):
+            try:
+                with quiet_hub_progress():
+                    return fn()
+            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+                raise BadInput(f"{path}: cannot load {sub}/ ({_one_line(e)})") from e
+
+        transformer = load(
+            "transformer",
+            lambda: SanaTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
+        )
+        sched_cfg = load(
+            "scheduler", lambda: diffusers.FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
+        )
+        sched_name = sched_cfg.get("_class_name")
+        if sched_name not in SCHEDULERS:
+            raise BadInput(f"{path}: scheduler {sched_name!r} is not supported (allowed: {', '.join(SCHEDULERS)})")
+        scheduler = getattr(diffusers, sched_name).from_config(sched_cfg)
+
+        text_encoder = tokenizer = None
+        if load_text_encoder:
+            text_encoder = load(
+                "text_encoder", lambda: Gemma2Model.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+            )
+            tokenizer = load("tokenizer", lambda: GemmaTokenizer.from_pretrained(path, subfolder="tokenizer"))
+            # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
+            if len(tokenizer) <= 100:
+                raise BadInput(
+                    f"{path}: tokenizer/ loaded empty ({len(tokenizer)} tokens): not a local folder or cached hub model"
+                )
+
+        codec: nn.Module | None = None
+        if load_codec:
+            codec = load("vae", lambda: AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=dtype))
+            codec_config = dict(codec.config)
+        else:
+            codec_config = dict(load("vae", lambda: AutoencoderDC.load_config(path, subfolder="vae")))
+
+        return cls(
+            transformer,
+            scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            codec=codec,
+            codec_config=codec_config,
+        )
+
+    def save_lora(self, path: str | Path) -> Path:
+        """``SanaPipeline.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives), written to a
+        temporary folder and renamed; an all-zero adapter is refused."""
+        import tempfile
+
+        from diffusers import SanaPipeline
+
+        from apexctl.lora import WEIGHT_NAME, adapter_metadata, adapter_state, check_not_zero
+
+        state = adapter_state(self.transformer)
+        check_not_zero(state)
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        with quiet_hub_progress():
+            SanaPipeline.save_lora_weights(
+                tmp,
+                transformer_lora_layers=state,
+                weight_name=WEIGHT_NAME,
+                transformer_lora_adapter_metadata=adapter_metadata(self.transformer),
+            )
+        replace_dir(tmp, dest)
+        return dest
+
+    def load_lora(self, path: str | Path) -> None:
+        from apexctl.lora import WEIGHT_NAME
+
+        folder = Path(path)
+        if not (folder / WEIGHT_NAME).is_file():
+            raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
+        with quiet_hub_progress():
+            self.transformer.load_lora_adapter(
+                str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
+            )
+
+    def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
+        """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
+
+        The transformer and scheduler are always saved. Text encoder, tokenizer and VAE are hard-linked (or copied)
+        from ``source`` when it is a local folder that has them, else saved from memory. ``model_index.json`` lets
+        the stock ``SanaPipeline.from_pretrained`` load the folder.
+        """
+        dest = Path(path).absolute()
+        src = Path(source) if source is not None and Path(source).is_dir() else None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            with quiet_hub_progress():
+                self._write_components(tmp, src, dest)
+            replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
+        import diffusers
+
+        self.transformer.save_pretrained(out / "transformer")
+        self.scheduler.save_pretrained(out / "scheduler")
+        frozen: dict[str, Any] = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "vae": self.codec}
+        for name, component in frozen.items():
+            if src is not None and (src / name).is_dir():
+                _link_tree(src / name, out / name)
+            elif component is not None:
+                component.save_pretrained(out / name)
+            else:
+                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
+        index = {
+            "_class_name": "SanaPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "text_encoder": ["transformers", "Gemma2Model"],
+            "tokenizer": ["transformers", "GemmaTokenizer"],
+            "transformer": ["diffusers", "SanaTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderDC"],
+        }
+        _write_json(out / "model_index.json", index)
+        _write_json(out / MODEL_MARKER, {"family": self.family})
+
+    def train(self, mode: bool = True) -> SanaBackbone:
+        """Train mode for the transformer only: the frozen text encoder and codec stay in eval mode."""
+        super().train(mode)
+        for frozen in (self.text_encoder, self.codec):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- conditioning --------------------------------------------------------------------------------------------
+    def _text_pipeline(self):
+        from diffusers import SanaPipeline
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise RuntimeError("this SANA backbone was loaded without its text encoder")
+        # A components-only pipeline: its own CHI, [BOS]+last-tokens selection and padding logic encode prompts.
+        return SanaPipeline(
+            tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=None, transformer=None, scheduler=None
+        )
+
+    def _chi(self) -> list[str]:
+        if self.complex_human_instruction is None:
+            return default_complex_human_instruction()
+        return list(self.complex_human_instruction)
+
+    def _device(self) -> torch.device | None:
+        return next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
+
+    @torch.no_grad()
+    def _encode_positive(self, prompts: list[str]) -> Cond:
+        embeds, mask, _, _ = self._text_pipeline().encode_prompt(
+            list(prompts),
+            do_classifier_free_guidance=False,
+            device=self._device(),
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=self._chi(),
+        )
+        return Cond(embeds=embeds, mask=mask.long())
+
+    @torch.no_grad()
+    def encode_negative_prompts(self, prompts: list[str]) -> Cond:
+        """As ``SanaPipeline.encode_prompt`` encodes ``negative_prompt``: no CHI, first 300 tokens."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        embeds, mask = self._text_pipeline()._get_gemma_prompt_embeds(
+            prompt=list(prompts),
+            device=self._device(),
+            dtype=self.text_encoder.dtype,
+            clean_caption=False,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=False,
+        )
+        return Cond(embeds=embeds, mask=mask.long())
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``SanaPipeline.encode_prompt``: positive prompts with CHI, ``""`` as the pipeline's negative prompt.
+
+        Every row has ``max_sequence_length`` tokens; the mask (1 = token, 0 = padding) is always returned.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        empty = [i for i, p in enumerate(prompts) if p == ""]
+        full = [i for i, p in enumerate(prompts) if p != ""]
+        if not empty:
+            return self._encode_positive(prompts)
+        if not full:
+            return self.encode_negative_prompts(prompts)
+        pos = self._encode_positive([prompts[i] for i in full])
+        neg = self.encode_negative_prompts([""])
+        embeds = pos.embeds.new_empty(len(prompts), *pos.embeds.shape[1:])
+        mask = pos.mask.new_empty(len(prompts), pos.mask.shape[1])
+        embeds[full], mask[full] = pos.embeds, pos.mask
+        embeds[empty], mask[empty] = neg.embeds, neg.mask
+        return Cond(embeds=embeds, mask=mask)
+
+    def condition_site(self) -> nn.Module:
+        """``transformer.caption_projection``: the DiT's MLP projection of the Gemma embeddings to its width (followed
+        by ``caption_norm``)."""
+        return self.transformer.caption_projection
+
+    def condition_dim(self) -> int:
+        return int(self.transformer.caption_projection.linear_2.out_features)
+
+    @property
+    def embed_dim(self) -> int:
+        if self.text_encoder is not None:
+            return int(self.text_encoder.config.hidden_size)
+        return int(self.transformer.config.caption_channels)
+
+    # -- images <-> latents --------------------------------------------------------------------------------------
+    def _require_codec(self) -> nn.Module:
+        if self.codec is None:
+            raise RuntimeError("this SANA backbone was loaded without its codec")
+        return self.codec
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.codec_config["scaling_factor"])
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [−1, 1] → ``vae.encode(x).latent * scaling_factor``."""
+        codec = self._require_codec()
+        raw = codec.encode(images.to(codec.dtype)).latent
+        return raw * self.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """As ``SanaPipeline``: ``vae.decode(latents / scaling_factor)`` → ``[B, 3, H, W]`` in [−1, 1]."""
+        codec = self._require_codec()
+        latents = latents.to(codec.dtype)
+        return codec.decode(latents / self.scaling_factor, return_dict=False)[0]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``2 ** (len(encoder_block_out_channels) − 1)`` as in the pipeline."""
+        return 2 ** (len(self.codec_config["encoder_block_out_channels"]) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor * int(self.transformer.config.patch_size)
+        if height % f or width % f:
+            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {f} for this model")
+        v = self.vae_scale_factor
+        return int(self.codec_config["latent_channels"]), height // v, width // v
+
+    # -- the denoiser --------------------------------------------------------------------------------------------
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Calls the transformer with ``timestep = t · num_train_timesteps · timestep_scale``; the output (first half
+        for a learned-sigma head) is already ``z − x``."""
+        b, c = x_t.shape[:2]
+        dtype = self.transformer.dtype
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).reshape(-1).expand(b)
+        # the pipeline: scheduler timesteps (σ·T, fp32), then × timestep_scale
+        timestep = t * float(self.scheduler.config.num_train_timesteps)
+        timestep = timestep * float(getattr(self.transformer.config, "timestep_scale", 1.0))
+        out = self.denoiser(
+            x_t.to(dtype),
+            encoder_hidden_states=cond.embeds.to(dtype),
+            encoder_attention_mask=cond.mask,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+        if out.shape[1] == 2 * c:  # learned sigma
+            out = out[:, :c]
+        return out.to(x_t.dtype)
+
+    def teacher_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """The pipeline's schedule: ``scheduler.set_timesteps(num_steps)`` (SANA passes no ``mu``/``sigmas``), σ grid
+        ending at 0. For ``DPMSolverMultistepScheduler`` this is its flow-σ grid (Euler only approximates DPM-Solver)."""
+        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
+        scheduler.set_timesteps(num_steps, device="cpu")
+        sig = scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+        if len(sig) != num_steps + 1 or float(sig[-1]) != 0.0:
+            raise BadInput(
+                f"{type(self.scheduler).__name__}: schedule of {num_steps} steps has {len(sig)} sigmas ending at "
+                f"{float(sig[-1])}; expected {num_steps + 1} ending at 0"
+            )
+        return sig

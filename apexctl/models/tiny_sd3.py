@@ -1,0 +1,152 @@
+"""Hub-free tiny Stable Diffusion 3 build for tests (notes/cpu-and-tiny-models.md §2-§3).
+
+Random stock components built in code (``SD3Transformer2DModel``, f4 ``AutoencoderKL``, 2× ``CLIPTextModelWithProjection``
++ ``T5EncoderModel``) and saved through ``SD3Backbone.save_pretrained``; 32×32 images → latents ``(4, 8, 8)``.
+
+The CLIP and T5 tokenizers are built *without training* (trained CLIP-BPE with ``</w>`` and Unigram tokenizers break
+ties by hash order, so ids change between processes): the CLIP vocabulary is the byte alphabet, its ``</w>`` variants
+and one left-to-right merge chain per corpus word; the T5 vocabulary is an explicit Unigram piece list. Same seed →
+identical files in every process.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+
+import torch
+
+#: SD3 / SD3.5's own scheduler config (static shift 3, no dynamic shifting)
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+#: SD3's VAE normalisation (16-channel in the real model; 4 here), non-trivial so tests see it
+SD3_SCALING_FACTOR = 1.5305
+SD3_SHIFT_FACTOR = 0.0609
+
+
+def _corpus_words() -> list[str]:
+    from apexctl.models.tokenizers import default_corpus
+
+    return sorted({w for line in default_corpus() for w in re.findall(r"[a-z]+", line.lower())})
+
+
+def clip_tokenizer_det():
+    """A ``CLIPTokenizer`` whose corpus words are single tokens; deterministic (no training)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in _corpus_words():
+        if len(word) == 1:
+            continue  # "a</w>" is already in the alphabet
+        left = word[0]
+        for j in range(1, len(word)):
+            right = word[j] + ("</w>" if j == len(word) - 1 else "")
+            if (left, right) not in seen:
+                seen.add((left, right))
+                merges.append((left, right))
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer_det():
+    """A ``T5TokenizerFast`` (Unigram) with every corpus word as one piece, plus single characters; deterministic."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in _corpus_words()]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny SD3 model from ``seed`` and save it to ``out_dir`` (a folder ``SD3Backbone.from_pretrained`` and
+    ``StableDiffusion3Pipeline.from_pretrained`` both load). The global torch RNG is left untouched."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from apexctl.models.sd3 import SD3Backbone
+
+    tok, tok_2, tok_3 = clip_tokenizer_det(), clip_tokenizer_det(), t5_tokenizer_det()
+    clip_hidden, clip_proj, t5_dim = 16, 16, 48  # 2 × 16 CLIP features zero-padded to the T5 width, as in SD3
+
+    def clip_config() -> CLIPTextConfig:
+        eos = tok.convert_tokens_to_ids("<|endoftext|>")
+        return CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=clip_hidden,
+            intermediate_size=2 * clip_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=clip_proj,
+            max_position_embeddings=77,
+            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=eos,  # not 2: pooled output at the first eos token (not the legacy argmax)
+            pad_token_id=eos,
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=t5_dim,
+            caption_projection_dim=16,  # = heads × head_dim, as in SD3
+            pooled_projection_dim=2 * clip_proj,
+            out_channels=4,
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",  # SD3.5
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 3,
+            up_block_types=["UpDecoderBlock2D"] * 3,
+            block_out_channels=[8, 16, 16],
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+            scaling_factor=SD3_SCALING_FACTOR,
+            shift_factor=SD3_SHIFT_FACTOR,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModelWithProjection(clip_config())
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config())
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tok_3),
+                d_model=t5_dim,
+                d_kv=8,
+                d_ff=2 * t5_dim,
+                num_layers=2,
+                num_heads=2,
+                pad_token_id=tok_3.pad_token_id,
+                eos_token_id=tok_3.eos_token_id,
+                decoder_start_token_id=tok_3.pad_token_id,
+            )
+        )
+    backbone = SD3Backbone(
+        transformer,
+        FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer=tok,
+        tokenizer_2=tok_2,
+        tokenizer_3=tok_3,
+        codec=vae,
+    )  # puts the text encoders in eval mode (no T5 dropout)
+    out = Path(out_dir)
+    backbone.save_pretrained(out)
+    return out
