@@ -104,3 +104,48 @@ def save_comfyui(transformer: nn.Module, folder: Path) -> Path:
     meta = {"format": "pt", "lora_alpha": str(cfg.lora_alpha), "rank": str(cfg.r)}
     write_bytes(path, safetensors_bytes(to_comfyui(state, cfg.lora_alpha), metadata=meta))
     return path
+
+
+def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str | Path) -> Path:
+    """``<pipeline_class>.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives), written to a
+    temporary sibling folder and renamed; an all-zero adapter is refused."""
+    import shutil
+    import tempfile
+
+    import diffusers
+
+    from apexctl.atomic import replace_dir
+    from apexctl.models.base import quiet_hub_progress
+
+    state = adapter_state(transformer)
+    check_not_zero(state)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        with quiet_hub_progress():
+            getattr(diffusers, pipeline_class).save_lora_weights(
+                tmp,
+                transformer_lora_layers=state,
+                weight_name=WEIGHT_NAME,
+                transformer_lora_adapter_metadata=adapter_metadata(transformer),
+            )
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def load_diffusers_lora(transformer: nn.Module, folder: str | Path) -> None:
+    """Attach a diffusers-format LoRA folder (``transformer.``-prefixed keys) as the ``default`` adapter."""
+    from apexctl.errors import BadInput
+    from apexctl.models.base import quiet_hub_progress
+
+    folder = Path(folder)
+    if not (folder / WEIGHT_NAME).is_file():
+        raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
+    with quiet_hub_progress():
+        transformer.load_lora_adapter(
+            str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
+        )

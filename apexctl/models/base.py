@@ -8,12 +8,31 @@ An adapter translates to its family's native layout (packing), timestep scale an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def quiet_hub_progress() -> Iterator[None]:
+    """No diffusers/transformers tqdm bars (e.g. transformers 5's "Loading weights") inside; our CLI shows its own."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
 
 
 @dataclass
@@ -158,13 +177,20 @@ class Backbone(ABC, nn.Module):
     def teacher_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
         """The family's native Euler schedule: ``num_steps + 1`` times from 1 (noise) down to 0, as its pipeline uses."""
 
+    #: the family's diffusers pipeline class name (LoRA export/import uses its loader mixin)
+    pipeline_class: str = ""
+
     def save_lora(self, path: str | Path) -> Path:
         """Write the denoiser's ``default`` adapter in the family pipeline's diffusers LoRA format (alpha kept)."""
-        raise NotImplementedError(f"{self.family}: LoRA export is not implemented")
+        from apexctl.lora import save_diffusers_lora
+
+        return save_diffusers_lora(self.transformer, self.pipeline_class, path)
 
     def load_lora(self, path: str | Path) -> None:
         """Attach a LoRA written by ``save_lora`` (or any diffusers-format LoRA for this family) to the denoiser."""
-        raise NotImplementedError(f"{self.family}: LoRA loading is not implemented")
+        from apexctl.lora import load_diffusers_lora
+
+        load_diffusers_lora(self.transformer, path)
 
     def set_forward_module(self, module: nn.Module | None) -> None:
         """Route forward passes through ``module`` (e.g. the DDP/FSDP-wrapped transformer); None restores it.

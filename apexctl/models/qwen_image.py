@@ -14,8 +14,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from torch import nn
 
 from apexctl.atomic import replace_dir
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, PixelCodec
+from apexctl.models.base import Backbone, Cond, PixelCodec, quiet_hub_progress
 
 MODEL_MARKER = "apexctl_model.json"
 _COMPONENTS = {
@@ -72,24 +70,6 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(real, out / name)
 
 
-@contextmanager
-def quiet_hub_progress() -> Iterator[None]:
-    """No diffusers/transformers tqdm bars (e.g. transformers 5's "Loading weights") inside; our CLI shows its own."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
-
-
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -102,6 +82,7 @@ class QwenImageBackbone(Backbone):
     """
 
     family = "qwen_image"
+    pipeline_class = "QwenImagePipeline"
     lora_targets = [
         "to_q",
         "to_k",
@@ -221,41 +202,6 @@ class QwenImageBackbone(Backbone):
     @property
     def is_pixel(self) -> bool:
         return self.codec_config.get("type") == "pixel"
-
-    def save_lora(self, path: str | Path) -> Path:
-        """``QwenImagePipeline.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives), written
-        to a temporary folder and renamed; an all-zero adapter is refused."""
-        import tempfile
-
-        from diffusers import QwenImagePipeline
-
-        from apexctl.lora import WEIGHT_NAME, adapter_metadata, adapter_state, check_not_zero
-
-        state = adapter_state(self.transformer)
-        check_not_zero(state)
-        dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        with quiet_hub_progress():
-            QwenImagePipeline.save_lora_weights(
-                tmp,
-                transformer_lora_layers=state,
-                weight_name=WEIGHT_NAME,
-                transformer_lora_adapter_metadata=adapter_metadata(self.transformer),
-            )
-        replace_dir(tmp, dest)
-        return dest
-
-    def load_lora(self, path: str | Path) -> None:
-        from apexctl.lora import WEIGHT_NAME
-
-        folder = Path(path)
-        if not (folder / WEIGHT_NAME).is_file():
-            raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
-        with quiet_hub_progress():
-            self.transformer.load_lora_adapter(
-                str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
-            )
 
     def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
         """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).

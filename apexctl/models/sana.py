@@ -58,6 +58,7 @@ class SanaBackbone(Backbone):
     """
 
     family = "sana"
+    pipeline_class = "SanaPipeline"
     lora_targets = [
         "attn1.to_q",
         "attn1.to_k",
@@ -168,41 +169,6 @@ class SanaBackbone(Backbone):
             codec=codec,
             codec_config=codec_config,
         )
-
-    def save_lora(self, path: str | Path) -> Path:
-        """``SanaPipeline.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives), written to a
-        temporary folder and renamed; an all-zero adapter is refused."""
-        import tempfile
-
-        from diffusers import SanaPipeline
-
-        from apexctl.lora import WEIGHT_NAME, adapter_metadata, adapter_state, check_not_zero
-
-        state = adapter_state(self.transformer)
-        check_not_zero(state)
-        dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        with quiet_hub_progress():
-            SanaPipeline.save_lora_weights(
-                tmp,
-                transformer_lora_layers=state,
-                weight_name=WEIGHT_NAME,
-                transformer_lora_adapter_metadata=adapter_metadata(self.transformer),
-            )
-        replace_dir(tmp, dest)
-        return dest
-
-    def load_lora(self, path: str | Path) -> None:
-        from apexctl.lora import WEIGHT_NAME
-
-        folder = Path(path)
-        if not (folder / WEIGHT_NAME).is_file():
-            raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
-        with quiet_hub_progress():
-            self.transformer.load_lora_adapter(
-                str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
-            )
 
     def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
         """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).

@@ -24,7 +24,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ class SD3Backbone(Backbone):
     (``text_encoder_3`` may also be absent from a folder: the pipeline then uses zeros for the T5 tokens)."""
 
     family = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
     lora_targets = [
         "to_q",
         "to_k",
@@ -176,43 +176,6 @@ class SD3Backbone(Backbone):
         else:
             codec_config = dict(load("vae", lambda: AutoencoderKL.load_config(path, subfolder="vae")))
         return cls(transformer, scheduler, codec=codec, codec_config=codec_config, **text)
-
-    def save_lora(self, path: str | Path) -> Path:
-        """``StableDiffusion3Pipeline.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives),
-        written to a temporary folder and renamed; an all-zero adapter is refused."""
-        from diffusers import StableDiffusion3Pipeline
-
-        from apexctl.lora import WEIGHT_NAME, adapter_metadata, adapter_state, check_not_zero
-
-        state = adapter_state(self.transformer)
-        check_not_zero(state)
-        dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            with quiet_hub_progress():
-                StableDiffusion3Pipeline.save_lora_weights(
-                    tmp,
-                    transformer_lora_layers=state,
-                    weight_name=WEIGHT_NAME,
-                    transformer_lora_adapter_metadata=adapter_metadata(self.transformer),
-                )
-            replace_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dest
-
-    def load_lora(self, path: str | Path) -> None:
-        from apexctl.lora import WEIGHT_NAME
-
-        folder = Path(path)
-        if not (folder / WEIGHT_NAME).is_file():
-            raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
-        with quiet_hub_progress():
-            self.transformer.load_lora_adapter(
-                str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
-            )
 
     def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
         """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
