@@ -29,7 +29,7 @@ class LoraSpec(_Strict):
 
 class ModelSpec(_Strict):
     path: str = Field(description="local model folder, hub id, or tiny:<preset> (built in code, no download)")
-    family: Literal["auto", "qwen_image", "sana", "sd3"] = "auto"
+    family: Literal["auto", "qwen_image", "sana", "sd3", "flux", "z_image"] = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="dtype the model loads in; trained weights are kept in fp32 (mixed precision via autocast)"
     )

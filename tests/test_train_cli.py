@@ -287,7 +287,9 @@ def test_gradient_checkpointing_and_bf16_autocast(workdir):
     )
 
 
-@pytest.mark.parametrize(("spec", "family"), [("tiny:sd3", "sd3"), ("tiny:sana", "sana")])
+@pytest.mark.parametrize(
+    ("spec", "family"), [("tiny:sd3", "sd3"), ("tiny:sana", "sana"), ("tiny:flux", "flux"), ("tiny:z_image", "z_image")]
+)
 def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spec, family):
     """Each family's tiny build is found from its folder alone and trains a few APEX steps from the cache."""
     monkeypatch.setenv("APEXCTL_HOME", str(tmp_path / "home"))

@@ -12,14 +12,28 @@ import torch
 
 from apexctl.errors import BadInput
 from apexctl.models.base import Backbone, Cond, PixelCodec
+from apexctl.models.flux import FluxBackbone
 from apexctl.models.qwen_image import QwenImageBackbone
 from apexctl.models.sana import SanaBackbone
 from apexctl.models.sd3 import SD3Backbone
 from apexctl.models.tiny import build_tiny_qwen_image, resolve_model_path
+from apexctl.models.z_image import ZImageBackbone
 
-FAMILIES: dict[str, type[Backbone]] = {"qwen_image": QwenImageBackbone, "sd3": SD3Backbone, "sana": SanaBackbone}
+FAMILIES: dict[str, type[Backbone]] = {
+    "qwen_image": QwenImageBackbone,
+    "sd3": SD3Backbone,
+    "sana": SanaBackbone,
+    "flux": FluxBackbone,
+    "z_image": ZImageBackbone,
+}
 #: model_index.json ``_class_name`` → family
-PIPELINE_FAMILIES = {"QwenImagePipeline": "qwen_image", "StableDiffusion3Pipeline": "sd3", "SanaPipeline": "sana"}
+PIPELINE_FAMILIES = {
+    "QwenImagePipeline": "qwen_image",
+    "StableDiffusion3Pipeline": "sd3",
+    "SanaPipeline": "sana",
+    "FluxPipeline": "flux",
+    "ZImagePipeline": "z_image",
+}
 
 __all__ = [
     "FAMILIES",

@@ -78,7 +78,12 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 #: tiny builds of the other families (one builder each, no size overrides): preset → "module:function"
-OTHER_FAMILIES = {"sd3": "apexctl.models.tiny_sd3:build_tiny_sd3", "sana": "apexctl.models.tiny_sana:build_tiny_sana"}
+OTHER_FAMILIES = {
+    "sd3": "apexctl.models.tiny_sd3:build_tiny_sd3",
+    "sana": "apexctl.models.tiny_sana:build_tiny_sana",
+    "flux": "apexctl.models.tiny_flux:build_tiny_flux",
+    "z_image": "apexctl.models.tiny_z_image:build_tiny_z_image",
+}
 
 
 def _build(preset: str, out: Path, seed: int, overrides: dict[str, int]) -> None:

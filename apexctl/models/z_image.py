@@ -1,0 +1,409 @@
+"""Z-Image adapter: the stock diffusers ``ZImagePipeline`` components behind the Backbone interface (DESIGN §4).
+
+Native conventions translated here (diffusers ``pipelines/z_image/pipeline_z_image.py``):
+
+- Latents are ``[B, C, h, w]`` with ``h = 2·(H // (2f))``, ``f = 2 ** (len(vae.block_out_channels) − 1)``; decoding
+  is ``vae.decode(latents / scaling_factor + shift_factor)``, so ``encode_images`` returns
+  ``(mode − shift_factor) · scaling_factor``.
+- The transformer takes *lists*: ``x = [(C, 1, h, w)] * B`` and ``cap_feats = [(L_i, D)] * B`` (each prompt's valid
+  tokens only, variable length) and returns a list ``[(C, 1, h, w)] * B``.
+- **Reversed time and sign.** The pipeline passes ``timestep = (1000 − σ·1000) / 1000 = 1 − σ`` (the model's time is 0
+  at noise, 1 at data) and steps the scheduler with ``noise_pred = −model_out``. So in our convention (``t = σ``,
+  ``v = z − x``): ``velocity(x_t, t) = −F(x_t, 1 − t)``.
+- Prompts: ``tokenizer.apply_chat_template([{"role": "user", ...}], add_generation_prompt=True,
+  enable_thinking=True)``, padded to ``max_sequence_length = 512``, the Qwen3 text encoder's **second-to-last**
+  hidden state (``hidden_states[-2]``), then only the tokens the attention mask marks. ``Cond`` holds them right-padded
+  to the longest prompt of the batch with the mask; ``velocity`` hands the transformer ``embeds[i][mask[i]]`` again.
+- CFG: the pipeline's ``guidance_scale = g`` means ``c + g·(c − u)`` (CFG on when ``g > 0``). apexctl's ``scale`` is
+  the usual ``u + s·(c − u)``, so ``s = 1 + g`` (``s = 1``: no CFG ↔ pipeline ``guidance_scale = 0``). The
+  pipeline's defaults ``cfg_normalization = False`` and ``cfg_truncation = 1.0`` are no-ops (``1 − σ`` never exceeds
+  1); ``cfg_normalization`` (a float > 0: cap the guided norm at that multiple of the conditional norm, per sample) is
+  supported as an attribute, truncation below 1 is not (``guidance_combine`` does not see the time).
+- Schedule: ``sigmas = linspace(1, 1/N, N)`` through ``scheduler.set_timesteps(sigmas=…, mu=calculate_shift(…))``
+  (``mu`` only matters with ``use_dynamic_shifting``), then 0.
+
+Condition site: ``transformer.cap_embedder`` (RMSNorm + Linear to the DiT width). The stock forward calls it on the
+**packed** caption tokens ``[Σ_i L'_i, cap_dim]`` (``L'_i`` = ``L_i`` rounded up to a multiple of 32 by repeating the
+last token), so a forward hook could not tell the samples apart. ``velocity`` therefore wraps the call with a forward
+pre-hook that turns the packed input into ``[B, max L'_i, cap_dim]`` (zero-padded rows) and a forward hook, registered
+after any hook already on the site (e.g. the engine's ``ConditionShift``), that packs the output back. Both layers act
+per token, so the result is the stock one; a hook on the site sees ``[B, L, dim]`` rows, one per sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apexctl.atomic import replace_dir
+from apexctl.errors import BadInput
+from apexctl.models.base import Backbone, Cond
+from apexctl.models.qwen_image import MODEL_MARKER, _link_tree, _one_line, _write_json, quiet_hub_progress
+
+_COMPONENTS = {
+    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+    "text_encoder": ("transformers", "Qwen3Model"),
+    "tokenizer": ("transformers", "Qwen2Tokenizer"),
+    "transformer": ("diffusers", "ZImageTransformer2DModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+}
+
+#: a minimal Qwen3-style chat template (what ``ZImagePipeline`` needs: user turn + generation prompt, thinking on)
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _seq_multiple() -> int:
+    from diffusers.models.transformers import transformer_z_image
+
+    return int(getattr(transformer_z_image, "SEQ_MULTI_OF", 32))
+
+
+class ZImageBackbone(Backbone):
+    """Z-Image (``ZImagePipeline``'s components). ``transformer`` is trainable; text encoder and VAE frozen.
+
+    ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
+    """
+
+    family = "z_image"
+    pipeline_class = "ZImagePipeline"
+    lora_targets = [
+        "attention.to_q",
+        "attention.to_k",
+        "attention.to_v",
+        "attention.to_out.0",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    ]
+    #: ZImagePipeline.__call__'s default max_sequence_length
+    max_sequence_length = 512
+    #: ZImagePipeline.__call__'s default cfg_normalization (False/0: off)
+    cfg_normalization: float = 0.0
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        *,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any = None,
+        codec: nn.Module | None = None,
+        codec_config: dict | None = None,
+    ):
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        if codec_config is None:
+            if codec is None:
+                raise ValueError("codec_config is required when no codec is given")
+            codec_config = dict(codec.config)
+        self.codec_config = dict(codec_config)
+        for frozen in (text_encoder, codec):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+
+    # -- loading / saving ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        load_text_encoder: bool = True,
+        load_codec: bool = True,
+    ) -> ZImageBackbone:
+        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
+
+        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or the tokenizer is empty.
+        """
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+        from transformers import Qwen2Tokenizer, Qwen3Model
+
+        path = str(path)
+
+        def load(sub: str, fn):
+            try:
+                with quiet_hub_progress():
+                    return fn()
+            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+                raise BadInput(f"{path}: cannot load {sub}/ ({_one_line(e)})") from e
+
+        transformer = load(
+            "transformer",
+            lambda: ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
+        )
+        scheduler = load(
+            "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        )
+        text_encoder = tokenizer = None
+        if load_text_encoder:
+            text_encoder = load(
+                "text_encoder", lambda: Qwen3Model.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+            )
+            tokenizer = load("tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"))
+            # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
+            if len(tokenizer) <= 100:
+                raise BadInput(
+                    f"{path}: tokenizer/ loaded empty ({len(tokenizer)} tokens): not a local folder or cached hub model"
+                )
+        codec: nn.Module | None = None
+        if load_codec:
+            codec = load("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype))
+            codec_config = dict(codec.config)
+        else:
+            codec_config = dict(load("vae", lambda: AutoencoderKL.load_config(path, subfolder="vae")))
+        return cls(
+            transformer,
+            scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            codec=codec,
+            codec_config=codec_config,
+        )
+
+    def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
+        """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
+
+        The transformer and scheduler are always saved. Text encoder, tokenizer and VAE are hard-linked (or copied)
+        from ``source`` when it is a local folder that has them, else saved from memory. ``model_index.json`` lets
+        the stock ``ZImagePipeline.from_pretrained`` load the folder.
+        """
+        dest = Path(path).absolute()
+        src = Path(source) if source is not None and Path(source).is_dir() else None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            with quiet_hub_progress():
+                self._write_components(tmp, src, dest)
+            replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
+        import diffusers
+
+        self.transformer.save_pretrained(out / "transformer")
+        self.scheduler.save_pretrained(out / "scheduler")
+        frozen: dict[str, Any] = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "vae": self.codec}
+        for name, component in frozen.items():
+            if src is not None and (src / name).is_dir():
+                _link_tree(src / name, out / name)
+            elif component is not None:
+                component.save_pretrained(out / name)
+            else:
+                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
+        index = {"_class_name": "ZImagePipeline", "_diffusers_version": diffusers.__version__}
+        index.update({k: list(v) for k, v in _COMPONENTS.items()})
+        _write_json(out / "model_index.json", index)
+        _write_json(out / MODEL_MARKER, {"family": self.family})
+
+    def train(self, mode: bool = True) -> ZImageBackbone:
+        """Train mode for the transformer only: the frozen text encoder and codec stay in eval mode."""
+        super().train(mode)
+        for frozen in (self.text_encoder, self.codec):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # -- conditioning --------------------------------------------------------------------------------------------
+    def _text_pipeline(self):
+        from diffusers import ZImagePipeline
+
+        if self.text_encoder is None or self.tokenizer is None:
+            raise RuntimeError("this Z-Image backbone was loaded without its text encoder")
+        # A components-only pipeline: its own chat template, hidden-state layer and mask selection encode prompts.
+        return ZImagePipeline(
+            scheduler=self.scheduler,
+            vae=None,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            transformer=None,
+        )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``ZImagePipeline.encode_prompt`` (chat template, ``hidden_states[-2]``, valid tokens only), right-padded
+        to the longest prompt with the mask (1 = token, 0 = padding)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        device = next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
+        embeds, _ = self._text_pipeline().encode_prompt(
+            list(prompts),  # the pipeline rewrites the list in place
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return self.cond_from_list(embeds)
+
+    @staticmethod
+    def cond_from_list(embeds: list[torch.Tensor]) -> Cond:
+        """The pipeline's per-prompt ``[L_i, D]`` list → ``Cond`` (right padding + mask)."""
+        length = max(int(e.shape[0]) for e in embeds)
+        first = embeds[0]
+        out = first.new_zeros(len(embeds), length, first.shape[-1])
+        mask = torch.zeros(len(embeds), length, dtype=torch.long, device=first.device)
+        for i, e in enumerate(embeds):
+            out[i, : e.shape[0]] = e
+            mask[i, : e.shape[0]] = 1
+        return Cond(embeds=out, mask=mask)
+
+    @staticmethod
+    def cond_to_list(cond: Cond) -> list[torch.Tensor]:
+        """``Cond`` → the per-sample list of valid tokens the transformer takes."""
+        if cond.mask is None:
+            return list(cond.embeds.unbind(0))
+        return [e[m.bool()] for e, m in zip(cond.embeds, cond.mask, strict=True)]
+
+    def condition_site(self) -> nn.Module:
+        """``transformer.cap_embedder`` (RMSNorm + Linear of the Qwen3 features to the DiT width); inside
+        ``velocity`` it sees per-sample rows ``[B, L, dim]`` (see the module docstring)."""
+        return self.transformer.cap_embedder
+
+    def condition_dim(self) -> int:
+        return int(self.transformer.cap_embedder[-1].out_features)
+
+    @property
+    def embed_dim(self) -> int:
+        if self.text_encoder is not None:
+            return int(self.text_encoder.config.hidden_size)
+        return int(self.transformer.config.cap_feat_dim)
+
+    # -- images <-> latents --------------------------------------------------------------------------------------
+    def _require_codec(self) -> nn.Module:
+        if self.codec is None:
+            raise RuntimeError("this Z-Image backbone was loaded without its codec")
+        return self.codec
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.codec_config["scaling_factor"])
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.codec_config.get("shift_factor") or 0.0)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [−1, 1] → ``(mode − shift_factor) · scaling_factor``."""
+        codec = self._require_codec()
+        raw = codec.encode(images.to(codec.dtype)).latent_dist.mode()
+        return (raw - self.shift_factor) * self.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """As ``ZImagePipeline``: ``vae.decode(latents / scaling_factor + shift_factor)`` → ``[B, 3, H, W]``."""
+        codec = self._require_codec()
+        latents = latents.to(codec.dtype)
+        return codec.decode(latents / self.scaling_factor + self.shift_factor, return_dict=False)[0]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``2 ** (len(block_out_channels) − 1)`` as in the pipeline."""
+        return 2 ** (len(self.codec_config["block_out_channels"]) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor * 2
+        if height % f or width % f:
+            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {f} for this model")
+        return int(self.codec_config["latent_channels"]), 2 * (height // f), 2 * (width // f)
+
+    # -- the denoiser --------------------------------------------------------------------------------------------
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """``−F([x_t[i][:, None]], 1 − t, [valid tokens of row i])`` stacked back to ``[B, C, h, w]``."""
+        b = x_t.shape[0]
+        dtype = self.transformer.dtype
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).reshape(-1).expand(b)
+        # the pipeline: scheduler timestep σ·T (fp32), then (1000 − timestep) / 1000
+        timestep = (1000 - t * float(self.scheduler.config.num_train_timesteps)) / 1000
+        caps = [c.to(dtype) for c in self.cond_to_list(cond)]
+        with self._per_sample_site([int(c.shape[0]) for c in caps]):
+            out = self.denoiser(
+                list(x_t.to(dtype).unsqueeze(2).unbind(0)), timestep.to(dtype), caps, return_dict=False
+            )[0]
+        v = torch.stack([o.float() for o in out], dim=0).squeeze(2)
+        return (-v).to(x_t.dtype)
+
+    def _per_sample_site(self, lengths: list[int]):
+        """Within the block, ``cap_embedder`` runs on ``[B, max L', cap_dim]`` rows instead of the packed tokens."""
+        from contextlib import contextmanager
+
+        multiple = _seq_multiple()
+        padded = [n + (-n) % multiple for n in lengths]
+        site = self.condition_site()
+
+        def unpack_in(_module: nn.Module, args: tuple):
+            packed = args[0]
+            if packed.dim() != 2 or packed.shape[0] != sum(padded):
+                return None  # not the call we prepared for: leave it alone
+            rows = torch.nn.utils.rnn.pad_sequence(list(packed.split(padded, dim=0)), batch_first=True)
+            return (rows, *args[1:])
+
+        def pack_out(_module: nn.Module, _args: tuple, output: torch.Tensor):
+            if output.dim() != 3 or output.shape[0] != len(padded):
+                return None
+            return torch.cat([output[i, :n] for i, n in enumerate(padded)], dim=0)
+
+        @contextmanager
+        def ctx():
+            pre = site.register_forward_pre_hook(unpack_in)
+            post = site.register_forward_hook(pack_out)  # after any hook already there (the condition shift)
+            try:
+                yield
+            finally:
+                pre.remove()
+                post.remove()
+
+        return ctx()
+
+    def guidance_combine(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """ZImagePipeline's CFG with ``guidance_scale = scale − 1``: ``c + (s − 1)(c − u)`` per sample in fp32, with
+        the optional ``cfg_normalization`` cap (off by default, as in the pipeline). The sign flip of ``v`` does not
+        change the rule (it is linear and the norms are sign-free)."""
+        g = float(scale) - 1.0
+        c, u = v_cond.float(), v_uncond.float()
+        pred = c + g * (c - u)
+        if self.cfg_normalization and float(self.cfg_normalization) > 0.0:
+            c_norm = torch.linalg.vector_norm(c.flatten(1), dim=1)
+            p_norm = torch.linalg.vector_norm(pred.flatten(1), dim=1)
+            cap = c_norm * float(self.cfg_normalization)
+            factor = torch.where(p_norm > cap, cap / p_norm, torch.ones_like(p_norm))
+            pred = pred * factor.view(-1, *([1] * (pred.dim() - 1)))
+        return pred.to(v_cond.dtype)
+
+    def teacher_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """The pipeline's schedule: ``linspace(1, 1/N, N)`` through ``set_timesteps(sigmas, mu)``, then 0."""
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+
+        _, h, w = latent_shape
+        cfg = self.scheduler.config
+        mu = calculate_shift(
+            (h // 2) * (w // 2),
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
+        if num_steps == 1 and cfg.get("shift_terminal"):
+            scheduler = type(self.scheduler).from_config(cfg, shift_terminal=None)
+        sigmas = torch.linspace(1.0, 1 / num_steps, num_steps).tolist()  # get_default_z_image_sigmas
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
