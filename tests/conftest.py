@@ -32,7 +32,7 @@ class LinearBackbone(Backbone):
     def from_pretrained(cls, path, **kw):  # pragma: no cover - not used
         raise NotImplementedError
 
-    def save_pretrained(self, path, *, source=None):  # pragma: no cover - not used
+    def _write_components(self, out, src, dest):  # pragma: no cover - not used
         raise NotImplementedError
 
     def encode_prompts(self, prompts):  # pragma: no cover - not used

@@ -12,7 +12,8 @@ import torch
 
 from apexctl.models.base import Cond
 from apexctl.models.sd3 import SD3Backbone
-from apexctl.models.tiny_sd3 import build_tiny_sd3, clip_tokenizer_det, t5_tokenizer_det
+from apexctl.models.tiny_sd3 import build_tiny_sd3
+from apexctl.models.tokenizers import clip_tokenizer_det, t5_tokenizer_det
 
 PROMPTS = ["a red fox", "a handwritten digit seven in the snow"]
 

@@ -7,6 +7,9 @@ An adapter translates to its family's native layout (packing), timestep scale an
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +36,45 @@ def quiet_hub_progress() -> Iterator[None]:
             dlog.enable_progress_bar()
         if was[1]:
             tlog.enable_progress_bar()
+
+
+#: marks a folder written by apexctl and names its family
+MODEL_MARKER = "apexctl_model.json"
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (copy where linking fails, e.g. across filesystems)."""
+    for root, _, files in os.walk(src):
+        out = dst / Path(root).relative_to(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            # realpath: hub-cache snapshots are symlinks to blobs; link the blob, not the symlink
+            real = os.path.realpath(os.path.join(root, name))
+            try:
+                os.link(real, out / name)
+            except OSError:
+                shutil.copy2(real, out / name)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def one_line(e: BaseException) -> str:
+    """``Type: first line`` of an exception, for one-line error messages."""
+    first = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {first[0] if first else ''}"
+
+
+def load_component(path: str, sub: str, fn):
+    """Call a component loader; a failure becomes one ``BadInput`` line naming the folder and the component."""
+    from apexctl.errors import BadInput
+
+    try:
+        with quiet_hub_progress():
+            return fn()
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: cannot load {sub}/ ({one_line(e)})") from None
 
 
 @dataclass
@@ -127,10 +169,20 @@ class Backbone(ABC, nn.Module):
     ) -> Backbone:
         """Load from a local diffusers-style folder or a hub id."""
 
-    @abstractmethod
     def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
-        """Write a complete model folder that ``from_pretrained`` (and, where the family has one, the stock diffusers
-        pipeline) loads. Frozen components may be hard-linked from ``source``."""
+        """Write a complete model folder atomically (temp sibling, then rename; an existing folder is replaced last)
+        that ``from_pretrained`` and the family's stock diffusers pipeline load. Frozen components are hard-linked
+        from ``source`` when it is a local folder that has them, else saved from memory."""
+        from apexctl.atomic import atomic_dir
+
+        dest = Path(path).absolute()
+        src = Path(source) if source is not None and Path(source).is_dir() else None
+        with atomic_dir(dest) as tmp, quiet_hub_progress():
+            self._write_components(tmp, src, dest)
+
+    @abstractmethod
+    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
+        """Write every component into ``out`` (``src``: local folder to hard-link frozen parts from)."""
 
     # -- conditioning --------------------------------------------------------------------------------------------
     @abstractmethod

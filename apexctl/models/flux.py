@@ -23,10 +23,7 @@ diffusers / transformers are imported inside the functions that need them, so ``
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from apexctl.atomic import replace_dir
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond
-from apexctl.models.qwen_image import MODEL_MARKER, _link_tree, _one_line, _write_json, quiet_hub_progress
+from apexctl.models.base import MODEL_MARKER, Backbone, Cond, link_tree, load_component, write_json
 
 #: model_index.json entries (the layout of the hub FLUX.1-schnell / FLUX.1-dev repositories)
 _COMPONENTS = {
@@ -156,12 +151,7 @@ class FluxBackbone(Backbone):
 
         path = str(path)
 
-        def load(sub: str, fn):
-            try:
-                with quiet_hub_progress():
-                    return fn()
-            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-                raise BadInput(f"{path}: cannot load {sub}/ ({_one_line(e)})") from None
+        load = partial(load_component, path)
 
         transformer = load(
             "transformer",
@@ -206,26 +196,6 @@ class FluxBackbone(Backbone):
             **text,
         )
 
-    def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
-        """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
-
-        The transformer and scheduler are always saved. Text encoders, tokenizers and the VAE are hard-linked (or
-        copied) from ``source`` when it is a local folder that has them, else saved from memory. Writes
-        ``model_index.json`` (stock ``FluxPipeline.from_pretrained`` loads the folder) and ``apexctl_model.json``.
-        """
-        dest = Path(path).absolute()
-        src = Path(source) if source is not None and Path(source).is_dir() else None
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            with quiet_hub_progress():
-                self._write_components(tmp, src, dest)
-            replace_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
         import diffusers
 
@@ -236,7 +206,7 @@ class FluxBackbone(Backbone):
         index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__}
         for name, component in frozen.items():
             if src is not None and (src / name).is_dir():
-                _link_tree(src / name, out / name)
+                link_tree(src / name, out / name)
             elif component is not None:
                 component.save_pretrained(out / name)
             else:
@@ -245,8 +215,8 @@ class FluxBackbone(Backbone):
         index.update({k: list(v) for k, v in _COMPONENTS.items() if k in ("scheduler", "transformer")})
         index["image_encoder"] = [None, None]
         index["feature_extractor"] = [None, None]
-        _write_json(out / "model_index.json", index)
-        _write_json(out / MODEL_MARKER, {"family": self.family})
+        write_json(out / "model_index.json", index)
+        write_json(out / MODEL_MARKER, {"family": self.family})
 
     def train(self, mode: bool = True) -> FluxBackbone:
         """Train mode for the transformer only: the frozen text encoders and codec stay in eval mode."""

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from apexctl.atomic import replace_dir
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, PixelCodec, quiet_hub_progress
+from apexctl.models.base import MODEL_MARKER, Backbone, Cond, PixelCodec, link_tree, load_component, write_json
 
-MODEL_MARKER = "apexctl_model.json"
 _COMPONENTS = {
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
     "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
@@ -49,29 +45,6 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b, _, d = x.shape
     x = x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, d // 4, h, w)
-
-
-def _one_line(e: BaseException) -> str:
-    first = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {first[0] if first else ''}"
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file of ``src`` into ``dst`` (copy where linking fails, e.g. across filesystems)."""
-    for root, _, files in os.walk(src):
-        out = dst / Path(root).relative_to(src)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            # realpath: hub-cache snapshots are symlinks to blobs; link the blob, not the symlink
-            real = os.path.realpath(os.path.join(root, name))
-            try:
-                os.link(real, out / name)
-            except OSError:
-                shutil.copy2(real, out / name)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class QwenImageBackbone(Backbone):
@@ -146,12 +119,7 @@ class QwenImageBackbone(Backbone):
 
         path = str(path)
 
-        def load(sub: str, fn):
-            try:
-                with quiet_hub_progress():
-                    return fn()
-            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-                raise BadInput(f"{path}: cannot load {sub}/ ({_one_line(e)})") from e
+        load = partial(load_component, path)
 
         transformer = load(
             "transformer",
@@ -203,26 +171,6 @@ class QwenImageBackbone(Backbone):
     def is_pixel(self) -> bool:
         return self.codec_config.get("type") == "pixel"
 
-    def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
-        """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
-
-        The transformer is always saved. Text encoder, tokenizer and VAE are hard-linked (or copied) from ``source``
-        when it is a local folder that has them, else saved from memory. ``model_index.json`` (stock
-        ``QwenImagePipeline.from_pretrained`` loads the folder) is written when a real VAE is present.
-        """
-        dest = Path(path).absolute()
-        src = Path(source) if source is not None and Path(source).is_dir() else None
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            with quiet_hub_progress():
-                self._write_components(tmp, src, dest)
-            replace_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
         import diffusers
 
@@ -233,18 +181,18 @@ class QwenImageBackbone(Backbone):
             frozen["vae"] = self.codec
         for name, component in frozen.items():
             if src is not None and (src / name).is_dir():
-                _link_tree(src / name, out / name)
+                link_tree(src / name, out / name)
             elif component is not None:
                 component.save_pretrained(out / name)
             else:
                 raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
         if self.is_pixel:
-            _write_json(out / PixelCodec.CONFIG_NAME, self.codec_config)
+            write_json(out / PixelCodec.CONFIG_NAME, self.codec_config)
         else:
             index = {"_class_name": "QwenImagePipeline", "_diffusers_version": diffusers.__version__}
             index.update({k: list(v) for k, v in _COMPONENTS.items()})
-            _write_json(out / "model_index.json", index)
-        _write_json(out / MODEL_MARKER, {"family": self.family})
+            write_json(out / "model_index.json", index)
+        write_json(out / MODEL_MARKER, {"family": self.family})
 
     def train(self, mode: bool = True) -> QwenImageBackbone:
         """Train mode for the transformer only: the frozen text encoder and codec stay in eval mode."""

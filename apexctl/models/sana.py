@@ -25,20 +25,15 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
-import os
-import shutil
-import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from apexctl.atomic import replace_dir
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond
-from apexctl.models.qwen_image import MODEL_MARKER, _link_tree, _one_line, _write_json, quiet_hub_progress
+from apexctl.models.base import MODEL_MARKER, Backbone, Cond, link_tree, load_component, write_json
 
 #: schedulers SanaPipeline is used with (model_index.json records the one present)
 SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
@@ -123,12 +118,7 @@ class SanaBackbone(Backbone):
 
         path = str(path)
 
-        def load(sub: str, fn):
-            try:
-                with quiet_hub_progress():
-                    return fn()
-            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-                raise BadInput(f"{path}: cannot load {sub}/ ({_one_line(e)})") from e
+        load = partial(load_component, path)
 
         transformer = load(
             "transformer",
@@ -170,26 +160,6 @@ class SanaBackbone(Backbone):
             codec_config=codec_config,
         )
 
-    def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
-        """Write a complete folder atomically (temp sibling, then rename; an existing folder is replaced last).
-
-        The transformer and scheduler are always saved. Text encoder, tokenizer and VAE are hard-linked (or copied)
-        from ``source`` when it is a local folder that has them, else saved from memory. ``model_index.json`` lets
-        the stock ``SanaPipeline.from_pretrained`` load the folder.
-        """
-        dest = Path(path).absolute()
-        src = Path(source) if source is not None and Path(source).is_dir() else None
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            with quiet_hub_progress():
-                self._write_components(tmp, src, dest)
-            replace_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
         import diffusers
 
@@ -198,7 +168,7 @@ class SanaBackbone(Backbone):
         frozen: dict[str, Any] = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "vae": self.codec}
         for name, component in frozen.items():
             if src is not None and (src / name).is_dir():
-                _link_tree(src / name, out / name)
+                link_tree(src / name, out / name)
             elif component is not None:
                 component.save_pretrained(out / name)
             else:
@@ -212,8 +182,8 @@ class SanaBackbone(Backbone):
             "transformer": ["diffusers", "SanaTransformer2DModel"],
             "vae": ["diffusers", "AutoencoderDC"],
         }
-        _write_json(out / "model_index.json", index)
-        _write_json(out / MODEL_MARKER, {"family": self.family})
+        write_json(out / "model_index.json", index)
+        write_json(out / MODEL_MARKER, {"family": self.family})
 
     def train(self, mode: bool = True) -> SanaBackbone:
         """Train mode for the transformer only: the frozen text encoder and codec stay in eval mode."""

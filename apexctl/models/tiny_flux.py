@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from apexctl.models.tiny_sd3 import clip_tokenizer_det, t5_tokenizer_det
+from apexctl.models.tokenizers import clip_tokenizer_det, t5_tokenizer_det
 
 #: FLUX.1-schnell's scheduler config (no dynamic shifting)
 FLUX_SCHNELL_SCHEDULER = {

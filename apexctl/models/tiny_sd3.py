@@ -11,57 +11,17 @@ identical files in every process.
 
 from __future__ import annotations
 
-import re
-import string
 from pathlib import Path
 
 import torch
+
+from apexctl.models.tokenizers import clip_tokenizer_det, t5_tokenizer_det
 
 #: SD3 / SD3.5's own scheduler config (static shift 3, no dynamic shifting)
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 #: SD3's VAE normalisation (16-channel in the real model; 4 here), non-trivial so tests see it
 SD3_SCALING_FACTOR = 1.5305
 SD3_SHIFT_FACTOR = 0.0609
-
-
-def _corpus_words() -> list[str]:
-    from apexctl.models.tokenizers import default_corpus
-
-    return sorted({w for line in default_corpus() for w in re.findall(r"[a-z]+", line.lower())})
-
-
-def clip_tokenizer_det():
-    """A ``CLIPTokenizer`` whose corpus words are single tokens; deterministic (no training)."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in _corpus_words():
-        if len(word) == 1:
-            continue  # "a</w>" is already in the alphabet
-        left = word[0]
-        for j in range(1, len(word)):
-            right = word[j] + ("</w>" if j == len(word) - 1 else "")
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
-            left = left + right
-            vocab.setdefault(left, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def t5_tokenizer_det():
-    """A ``T5TokenizerFast`` (Unigram) with every corpus word as one piece, plus single characters; deterministic."""
-    from transformers import T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + w, -1.0) for w in _corpus_words()]
-    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
