@@ -288,3 +288,38 @@ class PixelCodec(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.repeat(1, 3, 1, 1) if self.channels == 1 else latents
+
+
+class ScaledKLCodec:
+    """Mixin for families whose codec is an ``AutoencoderKL`` normalised by ``scaling_factor`` / ``shift_factor``
+    (SD3, FLUX, Z-Image): latents = (mode − shift) · scale, decode = vae.decode(latents / scale + shift)."""
+
+    codec: nn.Module | None
+    codec_config: dict
+
+    def _require_codec(self) -> nn.Module:
+        if self.codec is None:
+            raise RuntimeError(f"this {type(self).__name__} was loaded without its codec (load_codec=False)")
+        return self.codec
+
+    def _scale_shift(self) -> tuple[float, float]:
+        shift = self.codec_config.get("shift_factor")
+        return float(self.codec_config.get("scaling_factor", 1.0)), float(shift) if shift is not None else 0.0
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [−1, 1] → ``(mode − shift_factor) · scaling_factor``, ``[B, C, H/f, W/f]``."""
+        codec = self._require_codec()
+        raw = codec.encode(images.to(codec.dtype)).latent_dist.mode()
+        scale, shift = self._scale_shift()
+        return (raw - shift) * scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``vae.decode(latents / scaling_factor + shift_factor)``, as the pipelines do → ``[B, 3, H, W]``."""
+        codec = self._require_codec()
+        scale, shift = self._scale_shift()
+        return codec.decode(latents.to(codec.dtype) / scale + shift, return_dict=False)[0]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """``2 ** (len(block_out_channels) − 1)``, as the pipelines compute it."""
+        return 2 ** (len(self.codec_config["block_out_channels"]) - 1)

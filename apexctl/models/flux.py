@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import MODEL_MARKER, Backbone, Cond, link_tree, load_component, write_json
+from apexctl.models.base import MODEL_MARKER, Backbone, Cond, ScaledKLCodec, link_tree, load_component, write_json
 
 #: model_index.json entries (the layout of the hub FLUX.1-schnell / FLUX.1-dev repositories)
 _COMPONENTS = {
@@ -70,7 +70,7 @@ def latent_image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxBackbone(Backbone):
+class FluxBackbone(ScaledKLCodec, Backbone):
     """FLUX.1 schnell / dev (``FluxPipeline``'s components). ``transformer`` is trainable; the CLIP and T5 text
     encoders and the VAE are frozen. Text encoders / codec may be ``None`` when loaded without them."""
 
@@ -273,33 +273,6 @@ class FluxBackbone(Backbone):
         return int(self.transformer.config.pooled_projection_dim)
 
     # -- images <-> latents --------------------------------------------------------------------------------------
-    def _require_codec(self) -> nn.Module:
-        if self.codec is None:
-            raise RuntimeError("this Flux backbone was loaded without its codec")
-        return self.codec
-
-    def _scale_shift(self) -> tuple[float, float]:
-        shift = self.codec_config.get("shift_factor")
-        return float(self.codec_config.get("scaling_factor", 1.0)), float(shift) if shift is not None else 0.0
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [−1, 1] → ``(mode − shift_factor) · scaling_factor``, ``[B, C, H/f, W/f]``."""
-        codec = self._require_codec()
-        raw = codec.encode(images.to(codec.dtype)).latent_dist.mode()
-        scale, shift = self._scale_shift()
-        return (raw - shift) * scale
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """``latents / scaling_factor + shift_factor`` then ``vae.decode``, as the pipeline → ``[B, 3, H, W]``."""
-        codec = self._require_codec()
-        scale, shift = self._scale_shift()
-        return codec.decode(latents.to(codec.dtype) / scale + shift, return_dict=False)[0]
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """``2 ** (len(block_out_channels) − 1)``, as the pipeline computes it."""
-        return 2 ** (len(self.codec_config["block_out_channels"]) - 1)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * 2  # 2×2 packing
         if height % f or width % f:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import MODEL_MARKER, Backbone, Cond, link_tree, load_component, write_json
+from apexctl.models.base import MODEL_MARKER, Backbone, Cond, ScaledKLCodec, link_tree, load_component, write_json
 
 _COMPONENTS = {
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
@@ -68,7 +68,7 @@ def _seq_multiple() -> int:
     return int(getattr(transformer_z_image, "SEQ_MULTI_OF", 32))
 
 
-class ZImageBackbone(Backbone):
+class ZImageBackbone(ScaledKLCodec, Backbone):
     """Z-Image (``ZImagePipeline``'s components). ``transformer`` is trainable; text encoder and VAE frozen.
 
     ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
@@ -259,36 +259,6 @@ class ZImageBackbone(Backbone):
         return int(self.transformer.config.cap_feat_dim)
 
     # -- images <-> latents --------------------------------------------------------------------------------------
-    def _require_codec(self) -> nn.Module:
-        if self.codec is None:
-            raise RuntimeError("this Z-Image backbone was loaded without its codec")
-        return self.codec
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.codec_config["scaling_factor"])
-
-    @property
-    def shift_factor(self) -> float:
-        return float(self.codec_config.get("shift_factor") or 0.0)
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [−1, 1] → ``(mode − shift_factor) · scaling_factor``."""
-        codec = self._require_codec()
-        raw = codec.encode(images.to(codec.dtype)).latent_dist.mode()
-        return (raw - self.shift_factor) * self.scaling_factor
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """As ``ZImagePipeline``: ``vae.decode(latents / scaling_factor + shift_factor)`` → ``[B, 3, H, W]``."""
-        codec = self._require_codec()
-        latents = latents.to(codec.dtype)
-        return codec.decode(latents / self.scaling_factor + self.shift_factor, return_dict=False)[0]
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """``2 ** (len(block_out_channels) − 1)`` as in the pipeline."""
-        return 2 ** (len(self.codec_config["block_out_channels"]) - 1)
-
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * 2
         if height % f or width % f:
