@@ -295,7 +295,10 @@ def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spe
     monkeypatch.setenv("APEXCTL_HOME", str(tmp_path / "home"))
     from apexctl.models import load_backbone, resolve_model_path
 
-    assert load_backbone(resolve_model_path(spec)).family == family
+    bb = load_backbone(resolve_model_path(spec))
+    assert bb.family == family
+    bb.train()  # the denoiser trains; frozen encoders and the codec keep eval mode (no dropout)
+    assert bb.transformer.training and bb._frozen() and not any(m.training for m in bb._frozen())
     r = _recipe(
         tmp_path,
         family,

@@ -244,6 +244,17 @@ class Backbone(ABC, nn.Module):
 
         load_diffusers_lora(self.transformer, path)
 
+    def _frozen(self) -> list[nn.Module]:
+        """The frozen components (text encoders, codec) that stay in eval mode; the default covers the usual two."""
+        return [m for m in (getattr(self, "text_encoder", None), getattr(self, "codec", None)) if m is not None]
+
+    def train(self, mode: bool = True) -> Backbone:
+        """Train mode for the denoiser only: frozen encoders and the codec stay in eval mode (no dropout)."""
+        super().train(mode)
+        for frozen in self._frozen():
+            frozen.eval()
+        return self
+
     def set_forward_module(self, module: nn.Module | None) -> None:
         """Route forward passes through ``module`` (e.g. the DDP/FSDP-wrapped transformer); None restores it.
 

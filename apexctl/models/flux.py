@@ -218,13 +218,6 @@ class FluxBackbone(ScaledKLCodec, Backbone):
         write_json(out / "model_index.json", index)
         write_json(out / MODEL_MARKER, {"family": self.family})
 
-    def train(self, mode: bool = True) -> FluxBackbone:
-        """Train mode for the transformer only: the frozen text encoders and codec stay in eval mode."""
-        super().train(mode)
-        for frozen in self._frozen():
-            frozen.eval()
-        return self
-
     # -- conditioning --------------------------------------------------------------------------------------------
     def _text_pipeline(self):
         from diffusers import FluxPipeline

@@ -185,14 +185,6 @@ class SanaBackbone(Backbone):
         write_json(out / "model_index.json", index)
         write_json(out / MODEL_MARKER, {"family": self.family})
 
-    def train(self, mode: bool = True) -> SanaBackbone:
-        """Train mode for the transformer only: the frozen text encoder and codec stay in eval mode."""
-        super().train(mode)
-        for frozen in (self.text_encoder, self.codec):
-            if frozen is not None:
-                frozen.eval()
-        return self
-
     # -- conditioning --------------------------------------------------------------------------------------------
     def _text_pipeline(self):
         from diffusers import SanaPipeline
