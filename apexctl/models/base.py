@@ -179,6 +179,30 @@ class Backbone(ABC, nn.Module):
         src = Path(source) if source is not None and Path(source).is_dir() else None
         with atomic_dir(dest) as tmp, quiet_hub_progress():
             self._write_components(tmp, src, dest)
+            write_json(tmp / MODEL_MARKER, {"family": self.family})
+
+    def _place_components(self, out: Path, src: Path | None, dest: Path, frozen: dict) -> None:
+        """Save the transformer and scheduler; hard-link each frozen component from ``src`` when it has it, else save
+        it from memory (a component neither loaded nor in ``src`` is a one-line error)."""
+        from apexctl.errors import BadInput
+
+        self.transformer.save_pretrained(out / "transformer")
+        self.scheduler.save_pretrained(out / "scheduler")
+        for name, component in frozen.items():
+            if src is not None and (src / name).is_dir():
+                link_tree(src / name, out / name)
+            elif component is not None:
+                component.save_pretrained(out / name)
+            else:
+                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
+
+    def _write_index(self, out: Path, components: dict) -> None:
+        """``model_index.json`` for ``pipeline_class`` (what stock ``DiffusionPipeline.from_pretrained`` reads)."""
+        import diffusers
+
+        index = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
+        index.update({k: list(v) for k, v in components.items()})
+        write_json(out / "model_index.json", index)
 
     @abstractmethod
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import MODEL_MARKER, Backbone, Cond, ScaledKLCodec, link_tree, load_component, write_json
+from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component
 
 #: model_index.json entries (the layout of the hub FLUX.1-schnell / FLUX.1-dev repositories)
 _COMPONENTS = {
@@ -197,26 +197,10 @@ class FluxBackbone(ScaledKLCodec, Backbone):
         )
 
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        import diffusers
-
-        self.transformer.save_pretrained(out / "transformer")
-        self.scheduler.save_pretrained(out / "scheduler")
         frozen: dict[str, Any] = {name: getattr(self, name) for name in (*_TEXT_ENCODERS, *_TOKENIZERS)}
         frozen["vae"] = self.codec
-        index: dict[str, Any] = {"_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__}
-        for name, component in frozen.items():
-            if src is not None and (src / name).is_dir():
-                link_tree(src / name, out / name)
-            elif component is not None:
-                component.save_pretrained(out / name)
-            else:
-                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
-            index[name] = list(_COMPONENTS[name])
-        index.update({k: list(v) for k, v in _COMPONENTS.items() if k in ("scheduler", "transformer")})
-        index["image_encoder"] = [None, None]
-        index["feature_extractor"] = [None, None]
-        write_json(out / "model_index.json", index)
-        write_json(out / MODEL_MARKER, {"family": self.family})
+        self._place_components(out, src, dest, frozen)
+        self._write_index(out, {**_COMPONENTS, "image_encoder": (None, None), "feature_extractor": (None, None)})
 
     # -- conditioning --------------------------------------------------------------------------------------------
     def _text_pipeline(self):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import MODEL_MARKER, Backbone, Cond, PixelCodec, link_tree, load_component, write_json
+from apexctl.models.base import Backbone, Cond, PixelCodec, load_component, write_json
 
 _COMPONENTS = {
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
@@ -172,27 +172,14 @@ class QwenImageBackbone(Backbone):
         return self.codec_config.get("type") == "pixel"
 
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        import diffusers
-
-        self.transformer.save_pretrained(out / "transformer")
-        self.scheduler.save_pretrained(out / "scheduler")
         frozen: dict[str, Any] = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
         if not self.is_pixel:
             frozen["vae"] = self.codec
-        for name, component in frozen.items():
-            if src is not None and (src / name).is_dir():
-                link_tree(src / name, out / name)
-            elif component is not None:
-                component.save_pretrained(out / name)
-            else:
-                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
-        if self.is_pixel:
+        self._place_components(out, src, dest, frozen)
+        if self.is_pixel:  # not a stock pipeline folder: no model_index.json
             write_json(out / PixelCodec.CONFIG_NAME, self.codec_config)
         else:
-            index = {"_class_name": "QwenImagePipeline", "_diffusers_version": diffusers.__version__}
-            index.update({k: list(v) for k, v in _COMPONENTS.items()})
-            write_json(out / "model_index.json", index)
-        write_json(out / MODEL_MARKER, {"family": self.family})
+            self._write_index(out, _COMPONENTS)
 
     # -- conditioning --------------------------------------------------------------------------------------------
     def _text_pipeline(self):

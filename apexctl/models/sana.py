@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import MODEL_MARKER, Backbone, Cond, link_tree, load_component, write_json
+from apexctl.models.base import Backbone, Cond, load_component
 
 #: schedulers SanaPipeline is used with (model_index.json records the one present)
 SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
@@ -161,29 +161,19 @@ class SanaBackbone(Backbone):
         )
 
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        import diffusers
-
-        self.transformer.save_pretrained(out / "transformer")
-        self.scheduler.save_pretrained(out / "scheduler")
-        frozen: dict[str, Any] = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "vae": self.codec}
-        for name, component in frozen.items():
-            if src is not None and (src / name).is_dir():
-                link_tree(src / name, out / name)
-            elif component is not None:
-                component.save_pretrained(out / name)
-            else:
-                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
-        index = {
-            "_class_name": "SanaPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "scheduler": ["diffusers", type(self.scheduler).__name__],
-            "text_encoder": ["transformers", "Gemma2Model"],
-            "tokenizer": ["transformers", "GemmaTokenizer"],
-            "transformer": ["diffusers", "SanaTransformer2DModel"],
-            "vae": ["diffusers", "AutoencoderDC"],
-        }
-        write_json(out / "model_index.json", index)
-        write_json(out / MODEL_MARKER, {"family": self.family})
+        self._place_components(
+            out, src, dest, {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "vae": self.codec}
+        )
+        self._write_index(
+            out,
+            {
+                "scheduler": ("diffusers", type(self.scheduler).__name__),
+                "text_encoder": ("transformers", "Gemma2Model"),
+                "tokenizer": ("transformers", "GemmaTokenizer"),
+                "transformer": ("diffusers", "SanaTransformer2DModel"),
+                "vae": ("diffusers", "AutoencoderDC"),
+            },
+        )
 
     # -- conditioning --------------------------------------------------------------------------------------------
     def _text_pipeline(self):

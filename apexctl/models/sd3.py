@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import MODEL_MARKER, Backbone, Cond, ScaledKLCodec, link_tree, load_component, write_json
+from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component
 
 #: model_index.json entries (the layout of the hub SD3 / SD3.5 repositories)
 _COMPONENTS = {
@@ -168,33 +168,19 @@ class SD3Backbone(ScaledKLCodec, Backbone):
         return cls(transformer, scheduler, codec=codec, codec_config=codec_config, **text)
 
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        import diffusers
-
-        self.transformer.save_pretrained(out / "transformer")
-        self.scheduler.save_pretrained(out / "scheduler")
         frozen: dict[str, Any] = {name: getattr(self, name) for name in (*_TEXT_ENCODERS, *_TOKENIZERS)}
         frozen["vae"] = self.codec
+        index = dict(_COMPONENTS)
         # a model without T5 (loaded from a folder that has none) stays without it
         no_t5 = self.text_encoder is not None and self.text_encoder_3 is None
         if src is not None and no_t5:
             no_t5 = not (src / "text_encoder_3").is_dir()
-        index: dict[str, Any] = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__}
-        for name, component in frozen.items():
-            if no_t5 and name in ("text_encoder_3", "tokenizer_3"):
-                index[name] = [None, None]
-                continue
-            if src is not None and (src / name).is_dir():
-                link_tree(src / name, out / name)
-            elif component is not None:
-                component.save_pretrained(out / name)
-            else:
-                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
-            index[name] = list(_COMPONENTS[name])
-        index.update({k: list(v) for k, v in _COMPONENTS.items() if k in ("scheduler", "transformer")})
-        index["image_encoder"] = [None, None]
-        index["feature_extractor"] = [None, None]
-        write_json(out / "model_index.json", index)
-        write_json(out / MODEL_MARKER, {"family": self.family})
+        if no_t5:
+            for name in ("text_encoder_3", "tokenizer_3"):
+                del frozen[name]
+                index[name] = (None, None)
+        self._place_components(out, src, dest, frozen)
+        self._write_index(out, {**index, "image_encoder": (None, None), "feature_extractor": (None, None)})
 
     # -- conditioning --------------------------------------------------------------------------------------------
     def _text_pipeline(self):
