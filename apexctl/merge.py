@@ -13,8 +13,9 @@ import torch
 
 from apexctl.errors import ApexError, BadInput
 from apexctl.lora import WEIGHT_NAME
+from apexctl.recipe import torch_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 def resolve_lora(lora: Path, base: str | None) -> tuple[Path, str]:
@@ -69,6 +70,6 @@ def merge_lora(
     if one_step_scheduler and bb.scheduler.config.get("shift_terminal"):
         # diffusers' terminal stretch is NaN at num_inference_steps=1; a one-step model must not carry it
         bb.scheduler = type(bb.scheduler).from_config(bb.scheduler.config, shift_terminal=None)
-    bb.transformer.to(DTYPES[dtype])
+    bb.transformer.to(torch_dtype(dtype))
     bb.save_pretrained(out, source=base_dir)  # temp folder + rename: a failed write leaves no partial --out
     return {"base": str(base_dir), "lora": str(folder), "out": str(out), "dtype": dtype, "parity_rel_err": err}

@@ -19,6 +19,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def torch_dtype(name: str):
+    """``fp32 | bf16 | fp16`` → the torch dtype (imported lazily: reading a recipe needs no torch)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 class LoraSpec(_Strict):
     rank: int = Field(32, gt=0)
     alpha: float = Field(32.0, gt=0)
@@ -38,9 +45,7 @@ class ModelSpec(_Strict):
 
     @property
     def torch_dtype(self):
-        import torch
-
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 class DataSpec(_Strict):

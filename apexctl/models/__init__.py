@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, PixelCodec
+from apexctl.models.base import MODEL_MARKER, Backbone, Cond, PixelCodec
 from apexctl.models.flux import FluxBackbone
 from apexctl.models.qwen_image import QwenImageBackbone
 from apexctl.models.sana import SanaBackbone
@@ -62,7 +62,7 @@ def _read_json(path: Path) -> dict:
 def detect_family(path: str | Path) -> str:
     """Family of a local model folder: ``apexctl_model.json`` ``family``, else ``model_index.json`` ``_class_name``."""
     folder = Path(path)
-    marker = folder / "apexctl_model.json"
+    marker = folder / MODEL_MARKER
     if marker.is_file():
         family = _read_json(marker).get("family")
         if family not in FAMILIES:

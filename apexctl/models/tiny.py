@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl
 import torch
 
 from apexctl.errors import BadInput
+from apexctl.models.base import MODEL_MARKER
 
 #: bump when a preset's construction changes, so cached builds are rebuilt
 TINY_VERSION = 1
@@ -227,7 +228,7 @@ def resolve_model_path(spec: str) -> str:
     )
     root = apexctl_home() / "tiny"
     dest = root / f"{preset}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    if (dest / "apexctl_model.json").is_file():
+    if (dest / MODEL_MARKER).is_file():
         return str(dest)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{dest.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -236,7 +237,7 @@ def resolve_model_path(spec: str) -> str:
         try:
             os.rename(tmp, dest)
         except OSError:
-            if not (dest / "apexctl_model.json").is_file():
+            if not (dest / MODEL_MARKER).is_file():
                 raise
             # another process finished first: its build is identical
     finally:
