@@ -48,13 +48,57 @@ class ModelSpec(_Strict):
         return torch_dtype(self.dtype)
 
 
+class SynthesizeSpec(_Strict):
+    """Teacher synthesis for prompt-only data: each image is the teacher's own multi-step sample (DESIGN §7)."""
+
+    steps: int = Field(50, gt=0, description="teacher sampler steps")
+    guidance: float = Field(4.0, ge=1.0, description="teacher CFG scale")
+    negative_prompt: str = ""
+    images_per_prompt: int = Field(1, gt=0)
+    seed: int = Field(0, description="image k of prompt i uses seed + images_per_prompt·i + k (recorded per sample)")
+    batch: int = Field(8, gt=0)
+    export_dir: str | None = Field(None, description="also write the images as a metadata.jsonl image folder")
+
+
 class DataSpec(_Strict):
-    source: Literal["digits"] = "digits"
+    source: Literal["digits", "folder", "parquet", "datasets", "hub", "prompts"] = Field(
+        "digits",
+        description="digits (built in) | folder (images + metadata.jsonl) | parquet (files/glob) | datasets "
+        "(load_from_disk folder) | hub (dataset id) | prompts (.txt/.jsonl; needs data.synthesize)",
+    )
+    path: str | None = Field(None, description="where the source lives (not used by digits)")
+    split: str = Field("train", description="split of a datasets folder or hub dataset")
+    image_column: str = "image"
+    text_column: str = "text"
     cache_dir: str = "cache/digits"
+    cache_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="storage dtype of latents/embeddings; auto = fp32 for digits, bf16 otherwise"
+    )
+    shard_size: int = Field(1024, gt=0, description="items per cache shard (the unit of resume)")
     resolution: int = Field(8, gt=0)
+    buckets: list[tuple[int, int]] | None = Field(
+        None, description="aspect-ratio buckets as [width, height] pairs; null = square crops at resolution"
+    )
+    min_image_size: int = Field(0, ge=0, description="skip images whose shorter side is smaller")
+    max_caption_tokens: int | None = Field(None, gt=0, description="skip captions longer than this; null = family max")
+    limit: int | None = Field(None, gt=0, description="encode at most this many items")
+    synthesize: SynthesizeSpec | None = Field(None, description="prompt-only data: the teacher makes the images")
     holdout: int = Field(397, gt=0, description="held-out real images for evaluation (digits)")
     cond_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="probability a training prompt is replaced by ''")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataSpec:
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.source = '{self.source}' needs data.path")
+        if self.source == "prompts" and self.synthesize is None:
+            raise ValueError("data.source = 'prompts' needs data.synthesize (the teacher makes the images)")
+        if self.synthesize is not None and self.source != "prompts":
+            raise ValueError("data.synthesize is only for data.source = 'prompts'")
+        for w, h in self.buckets or []:
+            if w <= 0 or h <= 0:
+                raise ValueError(f"data.buckets: [{w}, {h}] must be positive")
+        return self
 
 
 class TimeSpec(_Strict):
@@ -239,6 +283,10 @@ def validate_recipe(tree: dict, source: str = "recipe") -> Recipe:
             raise BadInput(f"{source}: unknown key '{path}'" + (f"; allowed here: {keys}" if keys else "")) from None
         if err["type"] == "missing":
             raise BadInput(f"{source}: missing required key '{path}'") from None
+        more = f" (and {len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
+        if err["type"] == "value_error":  # a cross-field check: its message already names the keys
+            msg = err["msg"].removeprefix("Value error, ")
+            raise BadInput(f"{source}: {msg}{more}") from None
         value = err.get("input")
         more = f" (and {len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
         raise BadInput(f"{source}: {path} = {value!r}: {_allowed(err)}{more}") from None
