@@ -1,0 +1,91 @@
+"""The shipped recipes: each validates and plans with `distill --dry-run` (no weights), and its LoRA targets name
+real modules of its family's architecture (checked on the tiny build, which uses the same diffusers classes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch import nn
+from typer.testing import CliRunner
+
+from apexctl.cli import app
+from apexctl.recipe import load_recipe
+
+runner = CliRunner()
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PAPER = {
+    # recipe: (family, LoRA rank or None, global batch, lr, steps)
+    "qwen_lora.yaml": ("qwen_image", 64, 64, 1e-4, 2000),
+    "qwen_lora_r32.yaml": ("qwen_image", 32, 64, 1e-4, 2000),
+    "qwen_full.yaml": ("qwen_image", None, 64, 1e-5, 2000),
+    "sana_0.6b.yaml": ("sana", None, 64, 1e-5, 8000),
+    "sana_1.6b.yaml": ("sana", None, 64, 1e-5, 8000),
+    "sd3.5_medium_lora.yaml": ("sd3", 64, 64, 1e-4, 2000),
+    "flux_dev_lora.yaml": ("flux", 64, 64, 1e-4, 2000),
+    "z_image_lora.yaml": ("z_image", 64, 64, 1e-4, 2000),
+}
+TINY = {
+    "qwen_image": "tiny:test",
+    "sana": "tiny:sana",
+    "sd3": "tiny:sd3",
+    "flux": "tiny:flux",
+    "z_image": "tiny:z_image",
+}
+#: the released APEX code's Qwen-Image LoRA target list (shared/notes/apex-paper.md, "Training settings")
+OFFICIAL_QWEN_TARGETS = {
+    "to_k", "to_q", "to_v", "to_out.0", "img_mlp.net.0.proj", "img_mlp.net.2", "add_k_proj", "add_q_proj",
+    "add_v_proj", "txt_mlp.net.0.proj", "txt_mlp.net.2", "attn.to_add_out", "timestep_embedder.linear_1",
+    "timestep_embedder.linear_2",
+}  # fmt: skip
+
+
+def test_every_shipped_recipe_is_listed_here():
+    shipped = {p.name for p in RECIPES.glob("*.yaml")} - {"digits.yaml", "digits_teacher.yaml"}
+    assert shipped == set(PAPER)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipe_settings_and_dry_run(name):
+    family, rank, global_batch, lr, steps = PAPER[name]
+    r = load_recipe(RECIPES / name)
+    assert r.model.family == family and r.model.dtype == "bf16" and r.hardware.precision == "bf16"
+    assert (r.model.lora.rank if r.model.lora else None) == rank
+    if r.model.lora:
+        assert r.model.lora.alpha == rank  # α = r: scale 1, as the released configs
+    assert r.train.global_batch == global_batch and r.train.lr == lr and r.train.steps == steps
+    assert r.method.objective == "apex" and (r.method.shift.a, r.method.shift.b) == (-1.0, 0.0)
+    res = runner.invoke(app, ["distill", str(RECIPES / name), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert f"= {global_batch} global" in res.output and r.model.path in res.output
+
+
+def test_qwen_lora_uses_the_official_target_list_at_512():
+    for name in ("qwen_lora.yaml", "qwen_lora_r32.yaml"):
+        r = load_recipe(RECIPES / name)
+        assert set(r.model.lora.targets) == OFFICIAL_QWEN_TARGETS
+        assert r.data.resolution == 512 and r.train.betas == (0.9, 0.99)
+
+
+def test_a_wrong_process_count_is_caught_by_the_dry_run():
+    res = runner.invoke(app, ["distill", str(RECIPES / "qwen_full.yaml"), "--dry-run", "--set", "hardware.processes=8"])
+    assert res.exit_code == 2 and "global_batch = 64" in res.output
+
+
+def _matches(module_name: str, target: str) -> bool:
+    """peft's rule for a string target: the module's full name is the target or ends with '.' + target."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in PAPER.items() if v[1] is not None))
+def test_lora_targets_name_linear_modules_of_the_family(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("APEXCTL_HOME", str(tmp_path))
+    from apexctl.models import load_backbone, resolve_model_path
+
+    r = load_recipe(RECIPES / name)
+    bb = load_backbone(resolve_model_path(TINY[r.model.family]))
+    assert bb.family == r.model.family
+    linears = [n for n, m in bb.transformer.named_modules() if isinstance(m, nn.Linear)]
+    targets = r.model.lora.targets or bb.lora_targets
+    missing = [t for t in targets if not any(_matches(n, t) for n in linears)]
+    assert not missing, f"{name}: targets match no Linear module of {type(bb.transformer).__name__}: {missing}"
