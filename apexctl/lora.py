@@ -7,6 +7,8 @@ student, EMA (an EMA of the adapter tensors) and reference.
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,10 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apexctl.errors import ApexError
+from apexctl.errors import ApexError, BadInput
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_NAME = "comfyui_lora.safetensors"
+#: written beside every LoRA apexctl exports: {"family": ..., "pipeline": ...}
+LORA_MARKER = "apexctl_lora.json"
 
 
 def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[str], dropout: float, init: str) -> None:
@@ -71,12 +75,24 @@ def adapter_metadata(transformer: nn.Module) -> dict:
     return cfg
 
 
-def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """peft/diffusers adapter keys (``<module>.lora_A.weight``) → ComfyUI's generic LoRA keys.
+def check_lora_formats(backbone, formats: list[str]) -> None:
+    """Refuse, before any training, an export format the family cannot be loaded in."""
+    if "comfyui" in formats and not backbone.comfyui:
+        raise BadInput(
+            f"output.lora_formats: 'comfyui' is not available for family {backbone.family} (core ComfyUI has no "
+            f"loader for it); allowed: [diffusers]"
+        )
 
-    ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` plus ``diffusion_model.<module>.alpha``: ComfyUI
-    applies ΔW = (alpha / rank)·B·A, the same update peft applies with ``lora_alpha`` — the alpha travels in the
-    file, not in metadata ComfyUI does not read.
+
+def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft/diffusers adapter keys (``<module>.lora_A.weight``) → the keys ComfyUI's LoRA loader maps.
+
+    Rule (ComfyUI ``comfy/lora.py``, ``model_lora_keys_unet``): for SD3, Flux, QwenImage and Lumina2 (Z-Image)
+    models it maps ``transformer.<diffusers module name>`` onto its own weights (for SD3 and Flux through
+    ``mmdit_to_diffusers`` / ``flux_to_diffusers``, fused qkv slices included), and reads the scale from
+    ``<that key>.alpha``. So each module gets ``transformer.<module>.lora_A.weight``, ``.lora_B.weight`` and
+    ``.alpha``; ComfyUI applies ΔW = (alpha / rank)·B·A, the same update peft applies with ``lora_alpha``. The
+    ``diffusion_model.<module>`` spelling would only load where ComfyUI's own names equal diffusers' (Qwen-Image).
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -84,8 +100,8 @@ def to_comfyui(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.
         module, _, kind = key.rpartition(".lora_")
         if not module or kind not in ("A.weight", "B.weight"):
             raise ApexError(f"unexpected LoRA key {key!r} (expected <module>.lora_A.weight / .lora_B.weight)")
-        out[f"diffusion_model.{module}.lora_{kind}"] = value
-        out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
+        out[f"transformer.{module}.lora_{kind}"] = value
+        out[f"transformer.{module}.alpha"] = torch.tensor(float(alpha))
     return out
 
 
@@ -106,9 +122,10 @@ def save_comfyui(transformer: nn.Module, folder: Path) -> Path:
     return path
 
 
-def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str | Path) -> Path:
-    """``<pipeline_class>.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives), written to a
-    temporary sibling folder and renamed; an all-zero adapter is refused."""
+def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str | Path, *, family: str) -> Path:
+    """``<pipeline_class>.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives) plus
+    ``apexctl_lora.json`` naming the family, written to a temporary sibling folder and renamed; an all-zero adapter
+    is refused."""
     import shutil
     import tempfile
 
@@ -130,6 +147,7 @@ def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str |
                 weight_name=WEIGHT_NAME,
                 transformer_lora_adapter_metadata=adapter_metadata(transformer),
             )
+        (tmp / LORA_MARKER).write_text(json.dumps({"family": family, "pipeline": pipeline_class}))
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,15 +155,29 @@ def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str |
     return dest
 
 
-def load_diffusers_lora(transformer: nn.Module, folder: str | Path) -> None:
-    """Attach a diffusers-format LoRA folder (``transformer.``-prefixed keys) as the ``default`` adapter."""
-    from apexctl.errors import BadInput
-    from apexctl.models.base import quiet_hub_progress
+def load_diffusers_lora(transformer: nn.Module, folder: str | Path, family: str) -> None:
+    """Attach a diffusers-format LoRA folder (``transformer.``-prefixed keys) as the ``default`` adapter.
+
+    A LoRA written by apexctl names its family (``apexctl_lora.json``) and must match; any LoRA whose keys or shapes
+    do not fit this denoiser is refused with one line (exit 2) instead of peft's traceback.
+    """
+    from apexctl.models.base import one_line, quiet_hub_progress
 
     folder = Path(folder)
     if not (folder / WEIGHT_NAME).is_file():
         raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
-    with quiet_hub_progress():
-        transformer.load_lora_adapter(
-            str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
-        )
+    marker = folder / LORA_MARKER
+    if marker.is_file():
+        made_for = json.loads(marker.read_text()).get("family")
+        if made_for != family:
+            raise BadInput(f"{folder}: a LoRA for family {made_for} cannot be applied to a {family} base model")
+    try:
+        with quiet_hub_progress(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # peft's "inconsistency" warning precedes the error
+            transformer.load_lora_adapter(
+                str(folder), weight_name=WEIGHT_NAME, prefix="transformer", adapter_name="default"
+            )
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if getattr(transformer, "peft_config", None) and "default" in transformer.peft_config:
+            transformer.delete_adapters("default")
+        raise BadInput(f"{folder}: this LoRA does not fit the {family} base model: {one_line(exc)}") from None

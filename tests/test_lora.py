@@ -181,14 +181,14 @@ def test_comfyui_file_encodes_the_merged_update(lora_run, tmp_path):
 
     comfy = load_file(str(tmp / "run" / "lora" / "comfyui_lora.safetensors"))
     modules = sorted({k[: -len(".alpha")] for k in comfy if k.endswith(".alpha")})
-    assert modules and all(k.startswith("diffusion_model.transformer_blocks.") for k in comfy)
+    assert modules and all(k.startswith("transformer.transformer_blocks.") for k in comfy)
     assert {float(comfy[m + ".alpha"]) for m in modules} == {8.0}
     out = tmp_path / "merged"
     assert runner.invoke(app, ["merge-lora", "--lora", str(tmp / "run"), "--out", str(out)]).exit_code == 0
     merged = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     base = load_file(str(Path(resolve_model_path("tiny:test")) / "transformer" / "diffusion_pytorch_model.safetensors"))
     for m in modules:
-        name = m.removeprefix("diffusion_model.") + ".weight"
+        name = m.removeprefix("transformer.") + ".weight"
         a, b = comfy[m + ".lora_A.weight"], comfy[m + ".lora_B.weight"]
         delta = float(comfy[m + ".alpha"]) / a.shape[0] * (b @ a)
         torch.testing.assert_close(merged[name] - base[name], delta, atol=1e-6, rtol=1e-4, msg=name)

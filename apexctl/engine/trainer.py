@@ -37,7 +37,7 @@ from apexctl.engine.objectives import (
 )
 from apexctl.engine.shift import ConditionShift
 from apexctl.errors import ApexError, BadInput
-from apexctl.lora import adapters_disabled, add_lora, save_comfyui
+from apexctl.lora import adapters_disabled, add_lora, check_lora_formats
 from apexctl.recipe import Recipe, TimeSpec
 
 
@@ -206,6 +206,7 @@ def train(
     lora = recipe.model.lora
     transformer = backbone.transformer
     if lora is not None:  # frozen base in its dtype, fp32 adapter
+        check_lora_formats(backbone, recipe.output.lora_formats)
         add_lora(
             transformer,
             rank=lora.rank,
@@ -378,9 +379,7 @@ def train(
 
         def export(folder: Path) -> None:
             if lora is not None:
-                backbone.save_lora(folder)
-                if "comfyui" in recipe.output.lora_formats:
-                    save_comfyui(transformer, folder)
+                backbone.save_lora(folder, comfyui="comfyui" in recipe.output.lora_formats)
             else:
                 backbone.save_pretrained(folder, source=model_dir)
 

@@ -256,17 +256,25 @@ class Backbone(ABC, nn.Module):
     #: the family's diffusers pipeline class name (LoRA export/import uses its loader mixin)
     pipeline_class: str = ""
 
-    def save_lora(self, path: str | Path) -> Path:
-        """Write the denoiser's ``default`` adapter in the family pipeline's diffusers LoRA format (alpha kept)."""
-        from apexctl.lora import save_diffusers_lora
+    #: whether core ComfyUI maps this family's diffusers-named LoRA keys onto its own model (see lora.to_comfyui)
+    comfyui: bool = False
 
-        return save_diffusers_lora(self.transformer, self.pipeline_class, path)
+    def save_lora(self, path: str | Path, *, comfyui: bool = False) -> Path:
+        """Write the denoiser's ``default`` adapter in the family pipeline's diffusers LoRA format (alpha kept), and
+        with ``comfyui`` also ``comfyui_lora.safetensors`` beside it."""
+        from apexctl.lora import check_lora_formats, save_comfyui, save_diffusers_lora
+
+        check_lora_formats(self, ["comfyui"] if comfyui else [])
+        out = save_diffusers_lora(self.transformer, self.pipeline_class, path, family=self.family)
+        if comfyui:
+            save_comfyui(self.transformer, out)
+        return out
 
     def load_lora(self, path: str | Path) -> None:
         """Attach a LoRA written by ``save_lora`` (or any diffusers-format LoRA for this family) to the denoiser."""
         from apexctl.lora import load_diffusers_lora
 
-        load_diffusers_lora(self.transformer, path)
+        load_diffusers_lora(self.transformer, path, self.family)
 
     def _frozen(self) -> list[nn.Module]:
         """The frozen components (text encoders, codec) that stay in eval mode; the default covers the usual two."""

@@ -76,6 +76,7 @@ class FluxBackbone(ScaledKLCodec, Backbone):
 
     family = "flux"
     pipeline_class = "FluxPipeline"
+    comfyui = True
     lora_targets = [
         "to_q",
         "to_k",

@@ -56,6 +56,7 @@ class QwenImageBackbone(Backbone):
 
     family = "qwen_image"
     pipeline_class = "QwenImagePipeline"
+    comfyui = True
     lora_targets = [
         "to_q",
         "to_k",

@@ -54,6 +54,7 @@ class SD3Backbone(ScaledKLCodec, Backbone):
 
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    comfyui = True
     lora_targets = [
         "to_q",
         "to_k",

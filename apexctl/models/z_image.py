@@ -76,6 +76,7 @@ class ZImageBackbone(ScaledKLCodec, Backbone):
 
     family = "z_image"
     pipeline_class = "ZImagePipeline"
+    comfyui = True
     lora_targets = [
         "attention.to_q",
         "attention.to_k",
