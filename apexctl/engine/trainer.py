@@ -37,6 +37,7 @@ from apexctl.engine.objectives import (
 )
 from apexctl.engine.shift import ConditionShift
 from apexctl.errors import ApexError, BadInput
+from apexctl.export import write_export
 from apexctl.lora import adapters_disabled, add_lora, check_lora_formats
 from apexctl.recipe import Recipe, TimeSpec
 
@@ -377,19 +378,13 @@ def train(
         # LoRA runs export the adapter (diffusers format) to lora/, full runs a complete model folder to model/
         name = "lora" if lora is not None else "model"
 
-        def export(folder: Path) -> None:
-            if lora is not None:
-                backbone.save_lora(folder, comfyui="comfyui" in recipe.output.lora_formats)
-            else:
-                backbone.save_pretrained(folder, source=model_dir)
-
         if ema is None or tr.export == "live":
-            export(run / name)
+            write_export(backbone, recipe, run / name, model_dir)
         else:
             if tr.export == "both":
-                export(run / f"{name}-live")
+                write_export(backbone, recipe, run / f"{name}-live", model_dir)
             with ema.swapped():
-                export(run / name)
+                write_export(backbone, recipe, run / name, model_dir)
         if s.learnable:
             write_text(run / "shift.json", json.dumps({"a": shift.a.tolist(), "b": shift.b.tolist()}))
     acc.wait_for_everyone()

@@ -1,0 +1,111 @@
+"""What a run hands to users: the LoRA (diffusers, optionally ComfyUI) or a complete model folder — written at the
+end of training and, by ``apexctl export``, from any complete checkpoint.
+
+A checkpoint is accelerate's ``save_state`` folder: ``model.safetensors`` (the denoiser's state dict, adapter keys
+included) and one pickle per registered object; the EMA is found by its content (``{"decay", "shadow"}``), not by
+its registration index, so the export does not depend on the trainer's registration order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from apexctl.engine import checkpoint as ckpt
+from apexctl.errors import BadInput
+from apexctl.recipe import Recipe
+
+Weights = Literal["ema", "live"]
+
+
+def write_export(backbone, recipe: Recipe, folder: Path, model_dir: str | Path) -> Path:
+    """LoRA runs: the adapter in diffusers format (+ ComfyUI when asked); full runs: a complete model folder."""
+    if recipe.model.lora is not None:
+        return backbone.save_lora(folder, comfyui="comfyui" in recipe.output.lora_formats)
+    backbone.save_pretrained(folder, source=model_dir)
+    return folder
+
+
+def find_checkpoint(run: Path, which: str) -> tuple[int, Path]:
+    """``latest``, ``step-N`` / ``N``, or a checkpoint folder → (step, folder); only complete checkpoints."""
+    done = ckpt.complete_checkpoints(run)
+    if which == "latest":
+        if not done:
+            raise BadInput(f"{run}: no complete checkpoint under {run / 'checkpoints'}")
+        return done[-1]
+    p = Path(which)
+    if p.is_dir():
+        if not (p / ckpt.COMPLETE).is_file():
+            raise BadInput(f"--checkpoint {which}: not a complete checkpoint (no {ckpt.COMPLETE} marker)")
+        step = int(p.name.removeprefix("step-")) if p.name.removeprefix("step-").isdigit() else 0
+        return step, p
+    step = which.removeprefix("step-")
+    if not step.isdigit():
+        raise BadInput(f"--checkpoint {which!r}: expected latest, step-N, N or a checkpoint folder")
+    for s, folder in done:
+        if s == int(step):
+            return s, folder
+    have = ", ".join(str(s) for s, _ in done) or "none"
+    raise BadInput(f"--checkpoint {which}: no complete checkpoint at step {int(step)} in {run} (complete: {have})")
+
+
+def _ema_state(folder: Path) -> dict | None:
+    for pkl in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        state = torch.load(pkl, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and set(state) >= {"decay", "shadow"}:
+            return state
+    return None
+
+
+@torch.no_grad()
+def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema", out: Path | None = None) -> Path:
+    """Rebuild the trained denoiser of ``run`` at a checkpoint (live or EMA weights) and write its export."""
+    from safetensors.torch import load_file
+
+    from apexctl.lora import add_lora
+    from apexctl.models import load_for_recipe, resolve_model_path
+    from apexctl.recipe import load_recipe
+
+    run = Path(run)
+    if not (run / "recipe.yaml").is_file():
+        raise BadInput(f"{run}: not a run folder (no recipe.yaml)")
+    if weights not in ("ema", "live"):
+        raise BadInput(f"--weights {weights!r}: expected ema or live")
+    recipe = load_recipe(run / "recipe.yaml")
+    step, folder = find_checkpoint(run, which)
+    model_dir = resolve_model_path(recipe.model.path)
+    backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
+    transformer = backbone.transformer
+    lora = recipe.model.lora
+    if lora is not None:
+        add_lora(
+            transformer,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            targets=lora.targets or backbone.lora_targets,
+            dropout=lora.dropout,
+            init=lora.init,
+        )
+    else:
+        transformer.float().requires_grad_(True)  # as trained: fp32 weights, all trainable
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = transformer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BadInput(
+            f"{folder}/model.safetensors does not match the run's model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]!r})"
+        )
+    if weights == "ema":
+        ema = _ema_state(folder)
+        if ema is None:
+            raise BadInput(f"{folder}: this run kept no EMA (train.ema_decay unset); use --weights live")
+        trained = [p for p in transformer.parameters() if p.requires_grad]
+        if len(trained) != len(ema["shadow"]):
+            raise BadInput(f"{folder}: the EMA holds {len(ema['shadow'])} tensors, the model trains {len(trained)}")
+        for p, s in zip(trained, ema["shadow"], strict=True):
+            p.copy_(s.to(p.dtype))
+    kind = "lora" if lora is not None else "model"
+    out = Path(out) if out is not None else run / "exports" / f"step-{step:06d}-{kind}-{weights}"
+    return write_export(backbone, recipe, out, model_dir)
