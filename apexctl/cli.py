@@ -196,6 +196,25 @@ def merge_lora_cmd(
     )
 
 
+@app.command("export")
+@handle_errors
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="a run folder (output.dir of the recipe)")],
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="latest | step-N | N | a checkpoint folder (complete ones only)")
+    ] = "latest",
+    weights: Annotated[str, typer.Option("--weights", help="ema | live (ema needs train.ema_decay)")] = "ema",
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="output folder (default RUN/exports/step-N-<lora|model>-<weights>)")
+    ] = None,
+) -> None:
+    """Write the LoRA (LoRA runs, in the recipe's formats) or the model folder (full runs) of any checkpoint."""
+    from apexctl.export import export_checkpoint
+
+    folder = export_checkpoint(run, checkpoint, weights, out)  # type: ignore[arg-type]
+    typer.echo(f"exported {checkpoint} ({weights} weights) of {run} → {folder}")
+
+
 @eval_app.command("digits")
 @handle_errors
 def eval_digits(

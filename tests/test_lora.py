@@ -192,3 +192,34 @@ def test_comfyui_file_encodes_the_merged_update(lora_run, tmp_path):
         a, b = comfy[m + ".lora_A.weight"], comfy[m + ".lora_B.weight"]
         delta = float(comfy[m + ".alpha"]) / a.shape[0] * (b @ a)
         torch.testing.assert_close(merged[name] - base[name], delta, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_export_from_a_checkpoint_equals_the_end_of_run_export(lora_run, tmp_path):
+    """The run's lora/ is the EMA adapter at the last step: exporting that checkpoint with EMA weights rebuilds it
+    exactly; --weights live gives the checkpoint's own adapter tensors."""
+    tmp, _ = lora_run
+    run = tmp / "run"
+    res = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "ema")])
+    assert res.exit_code == 0, res.output
+    want = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(tmp_path / "ema" / "pytorch_lora_weights.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert (tmp_path / "ema" / "comfyui_lora.safetensors").is_file()  # the recipe's lora_formats
+
+    res = runner.invoke(app, ["export", str(run), "--checkpoint", "step-4", "--weights", "live"])
+    assert res.exit_code == 0, res.output
+    live = load_file(str(run / "exports" / "step-000004-lora-live" / "pytorch_lora_weights.safetensors"))
+    ckpt = load_file(str(run / "checkpoints" / "step-000004" / "model.safetensors"))
+    for k, v in live.items():  # transformer.<module>.lora_A.weight ↔ <module>.lora_A.default.weight
+        torch.testing.assert_close(v, ckpt[k.removeprefix("transformer.").replace(".weight", ".default.weight")])
+    assert any(not torch.equal(live[k], got[k]) for k in live)  # EMA ≠ live after 4 steps at decay 0.5
+
+
+def test_export_bad_checkpoint_and_run_exit_2(lora_run, tmp_path):
+    tmp, _ = lora_run
+    res = runner.invoke(app, ["export", str(tmp / "run"), "--checkpoint", "3"])
+    assert res.exit_code == 2 and "no complete checkpoint at step 3" in res.output and "complete: 4" in res.output
+    res = runner.invoke(app, ["export", str(tmp_path)])
+    assert res.exit_code == 2 and "not a run folder" in res.output
+    res = runner.invoke(app, ["export", str(tmp / "run"), "--weights", "best"])
+    assert res.exit_code == 2 and "expected ema or live" in res.output

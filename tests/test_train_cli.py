@@ -123,6 +123,13 @@ def test_export_holds_ema_weights(workdir):
     for n, s in zip(names, shadow, strict=True):
         torch.testing.assert_close(ema[n], s.to(ema[n].dtype), rtol=0, atol=0, msg=n)
 
+    # `apexctl export` rebuilds both from the checkpoint alone
+    _ok(["export", str(workdir / "both"), "--out", str(workdir / "exp-ema")])
+    _ok(["export", str(workdir / "both"), "--weights", "live", "--out", str(workdir / "exp-live")])
+    for folder, want in (("exp-ema", ema), ("exp-live", live)):
+        got = load_file(str(workdir / folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=folder)
+
 
 def test_cache_from_another_model_is_refused(workdir):
     other = _recipe(workdir, "other", model={"path": TINY + "&text_hidden=16"})
