@@ -1,0 +1,157 @@
+"""GPU smoke check: the real Qwen-Image transformer (published config, random bf16 weights, no download), the
+LoRA of recipes/qwen_lora.yaml (r=64 on the released code's targets), training steps of ``apex`` vs
+``flow_matching`` at 512², micro-batch 4, gradient checkpointing on.
+
+    python bench/gpu_smoke.py                 # on a GPU: < 8 min on one H100 (model build included)
+    python bench/gpu_smoke.py --tiny --steps 2   # the same code path on CPU with a 2-layer config (tests)
+
+Prints s/step, samples/s and peak memory per objective and the apex / flow_matching ratios; ``--out FILE``
+writes them as JSON. The objectives, shift, LoRA and optimiser are the ones ``apexctl distill`` builds from the
+recipe; only accelerate's wrapping and the data cache are left out (inputs are random latents and embeddings of
+the real shapes: 16×64×64 latents, ``--text-tokens`` × 3584 prompt embeddings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def published_config() -> dict:
+    return json.loads(resources.files("apexctl.models").joinpath("configs/qwen_image.json").read_text())
+
+
+def build_backbone(tiny: bool, device: torch.device, dtype: torch.dtype):
+    """QwenImageBackbone around a randomly initialised transformer built directly on ``device`` in ``dtype``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    from apexctl.models.qwen_image import QwenImageBackbone
+
+    cfg = published_config()
+    tcfg = {k: v for k, v in cfg["transformer"].items() if not k.startswith("_")}
+    if tiny:  # same module names and shapes per head, 2 layers and 2 heads: a CPU-sized model
+        tcfg.update(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64)
+        tcfg["axes_dims_rope"] = [8, 12, 12]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in bf16 directly: 20 B parameters in fp32 would not fit
+    try:
+        with torch.device(device):
+            transformer = QwenImageTransformer2DModel(**tcfg)
+    finally:
+        torch.set_default_dtype(previous)
+    vae = {k: v for k, v in cfg["vae"].items() if not k.startswith("_")}
+    return QwenImageBackbone(transformer, FlowMatchEulerDiscreteScheduler(), codec_config=vae), tcfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "qwen_lora.yaml"))
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--text-tokens", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per objective (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer config (CPU check of this script)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from apexctl.engine.objectives import Net
+    from apexctl.engine.shift import ConditionShift
+    from apexctl.engine.trainer import build_objective
+    from apexctl.lora import add_lora
+    from apexctl.models.base import Cond
+    from apexctl.recipe import load_recipe
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    bb, tcfg = build_backbone(args.tiny, device, dtype)
+    recipe = load_recipe(args.recipe)
+    lora = recipe.model.lora
+    add_lora(bb.transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets or bb.lora_targets,
+             dropout=lora.dropout, init=lora.init)  # fmt: skip
+    bb.transformer.enable_gradient_checkpointing()
+    bb.transformer.train()
+    trainable = [p for p in bb.transformer.parameters() if p.requires_grad]
+    n_total = sum(p.numel() for p in bb.transformer.parameters())
+    n_train = sum(p.numel() for p in trainable)
+    build_s = time.perf_counter() - t0
+    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}; built {n_total / 1e6:,.1f} M parameters "
+          f"({n_train / 1e6:,.1f} M trainable, LoRA r={lora.rank}) in {build_s:.0f} s")  # fmt: skip
+
+    s = recipe.method.shift
+    net = Net(bb, ConditionShift(a=s.a, b=s.b, site=s.site).to(device))
+    mb, text_dim = args.micro_batch, tcfg["joint_attention_dim"]
+    gen = torch.Generator(device).manual_seed(1)
+    x = torch.randn(mb, *bb.latent_shape(args.resolution, args.resolution), generator=gen, device=device)
+
+    def cond() -> Cond:
+        e = torch.randn(mb, args.text_tokens, text_dim, generator=gen, device=device, dtype=dtype)
+        return Cond(e, torch.ones(mb, args.text_tokens, dtype=torch.long, device=device))
+
+    c, uncond = cond(), cond()
+    results: dict[str, dict] = {}
+    for objective in ("flow_matching", "apex"):
+        r = load_recipe(args.recipe, [f"method.objective={objective}"])
+        fn = build_objective(r)
+        extra = {"uncond": uncond} if objective == "apex" and r.method.reference_guidance > 1 else {}
+        opt = torch.optim.AdamW(trainable, lr=r.train.lr, betas=r.train.betas)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(args.warmup + args.steps):
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = fn(net, x, c, **extra)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if not torch.isfinite(out.loss):
+                raise SystemExit(f"{objective}: non-finite loss at step {i}")
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+        step_s = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        results[objective] = {"s_per_step": step_s, "samples_per_s": mb / step_s, "peak_mem_gib": peak}
+        del opt
+    fm, ax = results["flow_matching"], results["apex"]
+    ratios = {"step_time": ax["s_per_step"] / fm["s_per_step"], "peak_mem": ax["peak_mem_gib"] / fm["peak_mem_gib"]}
+    print(f"{'objective':<14} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9}")
+    for k, v in results.items():
+        print(f"{k:<14} {v['s_per_step']:>8.3f} {v['samples_per_s']:>10.2f} {v['peak_mem_gib']:>9.1f}")
+    print(f"apex / flow_matching: step time {ratios['step_time']:.2f}x, peak memory {ratios['peak_mem']:.2f}x")
+    if args.out:
+        summary = {
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "tiny": args.tiny,
+            "parameters": n_total,
+            "trainable": n_train,
+            "build_s": build_s,
+            "micro_batch": mb,
+            "resolution": args.resolution,
+            "text_tokens": args.text_tokens,
+            "results": results,
+            "ratios": ratios,
+        }
+        args.out.write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
