@@ -318,3 +318,30 @@ def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spe
     rows = [json.loads(x) for x in (tmp_path / family / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
     assert (tmp_path / family / "model" / "transformer").is_dir()
+
+    # one apex LoRA step on the same cache changes only the adapter (and the learnable shift)
+    lr = _recipe(
+        tmp_path,
+        f"{family}-lora",
+        model={"path": spec, "lora": {"rank": 2, "alpha": 2.0}},
+        data={"cache_dir": str(tmp_path / "cache"), "resolution": 32},
+        method={"reference": "base"},
+        train={"steps": 1, "micro_batch": 2, "ema_decay": None, "warmup_steps": 0, "lr_schedule": "constant"},
+    )
+    _ok(["distill", str(lr), "-q"])
+    ck = tmp_path / f"{family}-lora" / "checkpoints" / "step-000001"
+    trained = load_file(str(ck / "model.safetensors"))
+    base = load_file(str(Path(resolve_model_path(spec)) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    lora_b = [k for k in trained if "lora_B" in k]
+    moved = [k for k in lora_b if float(trained[k].abs().max()) > 0]
+    # B starts at zero and moves wherever a gradient reaches it (not e.g. SD3's last-block text query, whose
+    # output the model discards)
+    assert lora_b and len(moved) >= 0.8 * len(lora_b), sorted(set(lora_b) - set(moved))
+    for k, v in trained.items():
+        if "lora_" not in k:
+            torch.testing.assert_close(v, base[k.replace(".base_layer", "")], rtol=0, atol=0, msg=k)
+    shift = next(
+        st for st in (torch.load(f, weights_only=False) for f in sorted(ck.glob("custom_checkpoint_*.pkl")))
+        if isinstance(st, dict) and set(st) == {"a", "b"}
+    )  # fmt: skip
+    assert float(shift["a"]) != -1.0 or float(shift["b"]) != 0.0
