@@ -59,15 +59,39 @@ def _recipe(path: Path, overrides: list[str] | None):
 
 @app.command()
 @handle_errors
-def prepare(recipe: RecipeArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
-    """Encode the recipe's data source (prompts + images) once into the latent cache (data.cache_dir)."""
-    from apexctl.data.prepare import prepare as run_prepare
+def prepare(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    limit: Annotated[
+        Optional[int], typer.Option("--limit", min=1, help="encode only the first N items (a quick look)")
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="check every cache file's sha256 against the manifest; encode nothing")
+    ] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode the recipe's data source (prompts + images) once into the latent cache (data.cache_dir).
 
+    Resumable: rerun after an interruption and only the unfinished shards are written."""
     r = _recipe(recipe, set_)
-    out = run_prepare(r, quiet=quiet)
+    if verify:
+        from apexctl.data.prepare import verify as verify_cache
+
+        cache = verify_cache(r.data.cache_dir)
+        n = len(cache.manifest["shards"]["images"]) + len(cache.manifest["shards"]["prompts"])
+        typer.echo(f"cache {r.data.cache_dir}: {n} shards verified (sha256), {len(cache)} pairs")
+        return
+    from apexctl.data.prepare import prepare as run_prepare
+    from apexctl.data.report import read_report
+
+    out = run_prepare(r, quiet=quiet, limit=limit)
     m = json.loads((out / "manifest.json").read_text())
+    rep = read_report(out) or {}
+    shape = m["latent_shape"] or [b["latent_shape"] for b in m["buckets"]]
+    speed = rep.get("timing", {}).get("items_per_s")
     typer.echo(
-        f"cache {out}: {m['num_images']} images, {m['num_prompts']} prompts, {m['num_pairs']} pairs, latents {m['latent_shape']}"
+        f"cache {out}: {m['num_images']} images, {m['num_prompts']} prompts, {m['num_pairs']} pairs, latents {shape}; "
+        f"{m['num_skipped']} skipped (see {out / 'prepare_report.json'})" + (f"; {speed:.1f} items/s" if speed else "")
     )
 
 

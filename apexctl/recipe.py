@@ -75,6 +75,8 @@ class DataSpec(_Strict):
         "auto", description="storage dtype of latents/embeddings; auto = fp32 for digits, bf16 otherwise"
     )
     shard_size: int = Field(1024, gt=0, description="items per cache shard (the unit of resume)")
+    encode_batch: int = Field(64, gt=0, description="images / prompts per encoder call in prepare")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding images in prepare")
     resolution: int = Field(8, gt=0)
     buckets: list[tuple[int, int]] | None = Field(
         None, description="aspect-ratio buckets as [width, height] pairs; null = square crops at resolution"

@@ -71,7 +71,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_prepare_writes_manifest(workdir):
     m = json.loads((workdir / "cache" / "manifest.json").read_text())
-    assert m["num_images"] == 1400 and m["latent_shape"] == [1, 8, 8] and "" in m["prompts"]
+    prompts = json.loads((workdir / "cache" / "prompts.json").read_text())
+    assert m["num_images"] == 1400 and m["latent_shape"] == [1, 8, 8] and "" in prompts
     assert m["num_pairs"] > m["num_images"]  # several prompts per image (single + multi-mode)
 
 

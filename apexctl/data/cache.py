@@ -1,165 +1,194 @@
-"""The latent cache: latents + prompt embeddings + (image, prompt) pairs, with a manifest training can trust.
+"""The latent cache: sharded, memory-mapped latents + prompt embeddings + (image, prompt) pairs, with a manifest.
 
-Layout (one folder, written atomically)::
+Layout (``data.cache_dir``)::
 
-    manifest.json        source, family, model fingerprint, shapes, counts, per-file sha256, prompts
-    latents.safetensors  latents [N, C, h, w]
-    prompts.safetensors  embeds [P, L, D], mask [P, L], pooled [P, D'] (families with pooled text embeddings)
-    pairs.safetensors    image [M], prompt [M]     (a training example is a pair; one image may carry many prompts)
+    manifest.json                     identity (source, family, model fingerprint, data settings + hash), shapes,
+                                      counts, buckets, per-file size / quick digest / sha256, its own hash
+    prompts.json                      prompt texts; prompt id = position
+    prompts/shard-NNNNN.safetensors   embeds [n, L, D] (L padded per shard), mask [n, L] (uint8), pooled [n, P]
+    images/shard-NNNNN.safetensors    latents.B [n_B, C, h, w] per bucket B, index.B (source item), seed.B
+                                      (synthesised data), pair_bucket / pair_row / pair_prompt [m] (one row per pair)
+    prepare_report.json               skipped items with reasons, counts, throughput
 
-Training reads only this folder: the text encoder and the codec are never loaded.
+A training example is a pair; one image may carry several prompts and a prompt may serve many images. Pairs are
+numbered in shard order, so an unbucketed cache numbers them exactly as the single-file cache of version 1 did.
+Training reads only this folder (memory-mapped): the text encoder and the codec are never loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from apexctl.atomic import atomic_dir
+from apexctl.data.shards import MappedShard, quick_digest, sha256_file
 from apexctl.errors import BadInput
 from apexctl.models.base import Cond
 
-CACHE_VERSION = 1
-_FILES = ("latents.safetensors", "prompts.safetensors", "pairs.safetensors")
+CACHE_VERSION = 2
+MANIFEST = "manifest.json"
+PROMPTS_FILE = "prompts.json"
+
+Verify = Literal["none", "quick", "full"]
 
 
-def _sha256(path: Path, limit: int | None = None) -> str:
+def _sha256_head(path: Path, limit: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        remaining = limit
-        while True:
-            chunk = f.read(1 << 20 if remaining is None else min(1 << 20, remaining))
-            if not chunk:
-                break
-            h.update(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    break
+        h.update(f.read(limit))
     return h.hexdigest()
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identity of what produced the cache: text encoder, tokenizer and codec files (name, size, first MiB).
+def model_fingerprint(model_dir: str | Path, parts: tuple[str, ...] = ("text_encoder", "tokenizer", "vae")) -> str:
+    """Identity of what produced the cache: the files of ``parts`` (name, size, first MiB) plus the pixel codec config.
 
-    The denoiser is deliberately excluded: a distilled student shares its teacher's cache.
+    The denoiser is excluded by default: a distilled student shares its teacher's cache. Synthesised data also
+    fingerprints the teacher's ``transformer`` (its images depend on it).
     """
     root = Path(model_dir)
     if not root.is_dir():
         return f"hub:{model_dir}"
     h = hashlib.sha256()
-    for sub in ("text_encoder", "tokenizer", "vae", "apexctl_codec.json"):
+    for sub in (*parts, "apexctl_codec.json"):
         p = root / sub
         files = sorted(p.rglob("*")) if p.is_dir() else ([p] if p.is_file() else [])
         for f in files:
             if f.is_file():
-                h.update(f"{f.relative_to(root)}:{f.stat().st_size}:{_sha256(f, 1 << 20)}\n".encode())
+                h.update(f"{f.relative_to(root)}:{f.stat().st_size}:{_sha256_head(f, 1 << 20)}\n".encode())
     return h.hexdigest()[:16]
 
 
-def write_cache(
-    out_dir: str | Path,
-    *,
-    latents: torch.Tensor,
-    embeds: torch.Tensor,
-    mask: torch.Tensor,
-    pair_image: torch.Tensor,
-    pair_prompt: torch.Tensor,
-    prompts: list[str],
-    meta: dict,
-    pooled: torch.Tensor | None = None,
-) -> Path:
-    """Write a complete cache atomically (a half-written cache never has a manifest under the final name)."""
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        save_file({"latents": latents.contiguous()}, str(tmp / "latents.safetensors"))
-        text = {"embeds": embeds.contiguous(), "mask": mask.contiguous()}
-        if pooled is not None:
-            text["pooled"] = pooled.contiguous()
-        save_file(text, str(tmp / "prompts.safetensors"))
-        save_file(
-            {"image": pair_image.long().contiguous(), "prompt": pair_prompt.long().contiguous()},
-            str(tmp / "pairs.safetensors"),
-        )
-        manifest = {
-            "version": CACHE_VERSION,
-            **meta,
-            "latent_shape": list(latents.shape[1:]),
-            "embed_dim": int(embeds.shape[-1]),
-            "num_images": int(latents.shape[0]),
-            "num_prompts": len(prompts),
-            "num_pairs": int(pair_image.shape[0]),
-            "checksums": {f: _sha256(tmp / f) for f in _FILES},
-            "prompts": prompts,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return out_dir
+def manifest_hash(manifest: dict) -> str:
+    """sha256 of the manifest without its own ``manifest_sha256`` (detects an edited or damaged manifest)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass
+def verify_file(root: Path, entry: dict, level: Verify) -> str | None:
+    """None if ``root / entry['file']`` matches its manifest entry at ``level``, else the reason."""
+    p = root / entry["file"]
+    if not p.is_file():
+        return "missing"
+    if level == "none":
+        return None
+    if p.stat().st_size != entry["bytes"]:
+        return f"size {p.stat().st_size} != {entry['bytes']}"
+    if level == "quick" and quick_digest(p) != entry["quick"]:
+        return "quick digest differs"
+    if level == "full" and sha256_file(p) != entry["sha256"]:
+        return "sha256 differs"
+    return None
+
+
+def manifest_files(manifest: dict) -> list[dict]:
+    return [manifest["prompts_file"], *manifest["shards"]["prompts"], *manifest["shards"]["images"]]
+
+
 class LatentCache:
-    """An opened cache, held in memory (the digits cache is a few MB; issue 5 shards and memory-maps)."""
+    """An opened cache. Shards stay memory-mapped; only the pair table (4 integers per pair) is in memory."""
 
-    root: Path
-    manifest: dict
-    latents: torch.Tensor
-    embeds: torch.Tensor
-    mask: torch.Tensor
-    pair_image: torch.Tensor
-    pair_prompt: torch.Tensor
-    pooled: torch.Tensor | None = None
+    def __init__(self, root: Path, manifest: dict) -> None:
+        self.root, self.manifest = root, manifest
+        self._prompt_shards = [MappedShard(root / e["file"]) for e in manifest["shards"]["prompts"]]
+        self._image_shards = [MappedShard(root / e["file"]) for e in manifest["shards"]["images"]]
+        counts = [s["embeds"].shape[0] for s in self._prompt_shards]
+        self._prompt_start = torch.tensor(np.cumsum([0, *counts])[:-1], dtype=torch.long)
+        cols: dict[str, list[torch.Tensor]] = {"shard": [], "bucket": [], "row": [], "prompt": []}
+        for i, s in enumerate(self._image_shards):
+            cols["shard"].append(torch.full_like(s["pair_row"], i))
+            for k in ("bucket", "row", "prompt"):
+                cols[k].append(s[f"pair_{k}"])
+        cat = {k: torch.cat(v).long() if v else torch.zeros(0, dtype=torch.long) for k, v in cols.items()}
+        self.pair_shard, self.pair_bucket, self.pair_row = cat["shard"], cat["bucket"], cat["row"]
+        self.pair_prompt = cat["prompt"]
 
     @classmethod
-    def open(cls, root: str | Path, verify_checksums: bool = True) -> LatentCache:
+    def open(cls, root: str | Path, verify: Verify = "quick") -> LatentCache:
+        """Open ``root``; ``verify``: ``quick`` (default: manifest hash, file sizes and quick digests — cheap on a
+        large cache), ``full`` (sha256 of every file) or ``none``. A mismatch is a one-line BadInput."""
         root = Path(root)
-        mf = root / "manifest.json"
+        mf = root / MANIFEST
         if not mf.is_file():
             raise BadInput(f"no latent cache at {root} (missing manifest.json); run `apexctl prepare RECIPE` first")
-        manifest = json.loads(mf.read_text())
+        try:
+            manifest = json.loads(mf.read_text())
+        except ValueError:
+            raise BadInput(f"{mf}: not valid JSON; rerun `apexctl prepare`") from None
         if manifest.get("version") != CACHE_VERSION:
             raise BadInput(
                 f"{mf}: cache version {manifest.get('version')} is not {CACHE_VERSION}; rerun `apexctl prepare`"
             )
-        if verify_checksums:
-            for f, digest in manifest["checksums"].items():
-                if not (root / f).is_file() or _sha256(root / f) != digest:
-                    raise BadInput(f"{root / f}: checksum does not match manifest.json; rerun `apexctl prepare`")
-        lat = load_file(str(root / "latents.safetensors"))
-        pr = load_file(str(root / "prompts.safetensors"))
-        pa = load_file(str(root / "pairs.safetensors"))
-        return cls(
-            root, manifest, lat["latents"], pr["embeds"], pr["mask"], pa["image"], pa["prompt"], pr.get("pooled")
-        )
+        if verify != "none" and manifest.get("manifest_sha256") != manifest_hash(manifest):
+            raise BadInput(
+                f"{mf}: manifest hash does not match its content (edited or damaged); rerun `apexctl prepare`"
+            )
+        for entry in manifest_files(manifest):
+            why = verify_file(root, entry, verify)
+            if why is not None:
+                raise BadInput(f"{root / entry['file']}: {why} (vs manifest.json); rerun `apexctl prepare`")
+        try:
+            return cls(root, manifest)
+        except (ValueError, KeyError, OSError) as e:
+            raise BadInput(
+                f"{root}: cannot read cache shards ({type(e).__name__}: {e}); rerun `apexctl prepare`"
+            ) from None
 
-    @property
+    @cached_property
     def prompts(self) -> list[str]:
-        return list(self.manifest["prompts"])
+        return list(json.loads((self.root / PROMPTS_FILE).read_text()))
 
     def __len__(self) -> int:
-        return int(self.pair_image.shape[0])
+        return int(self.pair_prompt.shape[0])
+
+    @property
+    def pair_buckets(self) -> np.ndarray | None:
+        """Bucket id per pair for a multi-bucket cache (batches must not mix them); None with one bucket."""
+        return self.pair_bucket.numpy() if len(self.manifest.get("buckets", [])) > 1 else None
 
     def check(self, expected: dict) -> None:
         """Refuse a cache that another model or data setting produced: exit 2 naming the differing field."""
-        for key, want in expected.items():
-            got = self.manifest.get(key)
-            if got != want:
-                raise BadInput(
-                    f"{self.root / 'manifest.json'}: '{key}' is {got!r} but the recipe/model needs {want!r}; "
-                    f"rerun `apexctl prepare` (or point data.cache_dir elsewhere)"
-                )
+
+        def walk(want: dict, got: dict | None, prefix: str) -> None:
+            got = got if isinstance(got, dict) else {}
+            for key, w in want.items():
+                g = got.get(key)
+                if isinstance(w, dict) and isinstance(g, dict):
+                    walk(w, g, f"{prefix}{key}.")
+                elif g != w:
+                    raise BadInput(
+                        f"{self.root / MANIFEST}: '{prefix}{key}' is {g!r} but the recipe/model needs {w!r}; "
+                        f"rerun `apexctl prepare` (or point data.cache_dir elsewhere)"
+                    )
+
+        walk(expected, self.manifest, "")
 
     def cond(self, prompt_idx: torch.Tensor) -> Cond:
-        """Cond rows for prompt indices, trimmed to the longest valid length in the batch."""
-        m = self.mask[prompt_idx]
-        length = max(int(m.sum(1).max()), 1)
-        pooled = self.pooled[prompt_idx] if self.pooled is not None else None
-        return Cond(self.embeds[prompt_idx, :length], m[:, :length], pooled)
+        """Cond rows for prompt ids (float32, mask long), trimmed to the longest valid length in the batch."""
+        idx = torch.as_tensor(prompt_idx, dtype=torch.long).reshape(-1)
+        shard = torch.searchsorted(self._prompt_start, idx, right=True) - 1
+        row = idx - self._prompt_start[shard]
+        used = shard.unique().tolist()
+        width = max(self._prompt_shards[s]["embeds"].shape[1] for s in used)
+        dim = self._prompt_shards[used[0]]["embeds"].shape[2]
+        embeds = torch.zeros(len(idx), width, dim)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        has_pooled = "pooled" in self._prompt_shards[used[0]]
+        pooled = torch.zeros(len(idx), self._prompt_shards[used[0]]["pooled"].shape[1]) if has_pooled else None
+        for s in used:
+            sel = (shard == s).nonzero().squeeze(1)
+            sh = self._prompt_shards[s]
+            e = sh["embeds"][row[sel]]
+            embeds[sel, : e.shape[1]] = e.float()
+            mask[sel, : e.shape[1]] = sh["mask"][row[sel]].long()
+            if pooled is not None:
+                pooled[sel] = sh["pooled"][row[sel]].float()
+        length = max(int(mask.sum(1).max()), 1)
+        return Cond(embeds[:, :length].contiguous(), mask[:, :length].contiguous(), pooled)
 
     def prompt_index(self, prompt: str) -> int:
         try:
@@ -169,6 +198,22 @@ class LatentCache:
                 f"prompt {prompt!r} is not in the cache {self.root}; add it to the data source and rerun prepare"
             ) from None
 
+    def latents(self, pair_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """float32 latents of pairs that all share one bucket."""
+        idx = torch.as_tensor(pair_idx, dtype=torch.long).reshape(-1)
+        buckets = self.pair_bucket[idx].unique().tolist()
+        if len(buckets) != 1:
+            raise ValueError(f"a batch must come from one bucket, got buckets {buckets}")
+        name = f"latents.{buckets[0]}"
+        shard, row = self.pair_shard[idx], self.pair_row[idx]
+        used = shard.unique().tolist()
+        first = self._image_shards[used[0]][name]
+        out = torch.empty((len(idx), *first.shape[1:]), dtype=torch.float32)
+        for s in used:
+            sel = (shard == s).nonzero().squeeze(1)
+            out[sel] = self._image_shards[s][name][row[sel]].float()
+        return out
+
     def batch(
         self, pair_idx: np.ndarray, drop: np.ndarray | None = None, empty_prompt: int | None = None
     ) -> tuple[torch.Tensor, Cond]:
@@ -177,7 +222,11 @@ class LatentCache:
         p = self.pair_prompt[idx].clone()
         if drop is not None and empty_prompt is not None:
             p[torch.as_tensor(drop, dtype=torch.bool)] = empty_prompt
-        return self.latents[self.pair_image[idx]], self.cond(p)
+        return self.latents(idx), self.cond(p)
+
+    def image_shards(self) -> list[MappedShard]:
+        """The mapped image shards in order (export and tests read latents, source indices and seeds from them)."""
+        return list(self._image_shards)
 
 
 class PairSampler:
@@ -186,10 +235,16 @@ class PairSampler:
     Epoch e uses a permutation (and a dropout mask) from ``numpy.random.default_rng([seed, e])``, so the state is
     just ``(epoch, position)``; a resumed run draws exactly the batches an uninterrupted one would. Each call
     returns the *global* batch; rank r of W takes rows r::W.
+
+    With ``buckets`` (bucket id per pair, several buckets) every batch comes from one bucket: each bucket's pairs,
+    in the epoch's permutation order, are cut into batches (the last one filled up from the start of that bucket),
+    and the batches are shuffled with the same generator. The batch size is then fixed by the first call.
     """
 
-    def __init__(self, n: int, seed: int, cond_dropout: float = 0.0) -> None:
+    def __init__(self, n: int, seed: int, cond_dropout: float = 0.0, buckets: np.ndarray | None = None) -> None:
         self.n, self.seed, self.cond_dropout = n, seed, cond_dropout
+        self.buckets = None if buckets is None or len(np.unique(buckets)) <= 1 else np.asarray(buckets)
+        self.size: int | None = None
         self.epoch, self.pos = 0, 0
         self._load_epoch()
 
@@ -197,8 +252,21 @@ class PairSampler:
         rng = np.random.default_rng([self.seed, self.epoch])
         self._perm = rng.permutation(self.n)
         self._drop = rng.random(self.n) < self.cond_dropout
+        if self.buckets is not None and self.size is not None:
+            drop_of = np.empty(self.n, dtype=bool)
+            drop_of[self._perm] = self._drop
+            batches = []
+            for b in np.unique(self.buckets):
+                members = self._perm[self.buckets[self._perm] == b]
+                k = -(-len(members) // self.size)
+                members = np.resize(members, k * self.size)  # wraps around: a full last batch
+                batches.extend(members.reshape(k, self.size))
+            self._batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._batch_drop = [drop_of[b] for b in self._batches]
 
     def next(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.buckets is not None:
+            return self._next_bucketed(size)
         idx, drop = [], []
         while size > 0:
             take = min(size, self.n - self.pos)
@@ -211,11 +279,29 @@ class PairSampler:
                 self._load_epoch()
         return np.concatenate(idx), np.concatenate(drop)
 
+    def _next_bucketed(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.size is None:
+            self.size = size
+            self._load_epoch()
+        elif size != self.size:
+            raise ValueError(f"a bucketed PairSampler draws batches of {self.size}, asked for {size}")
+        idx, drop = self._batches[self.pos], self._batch_drop[self.pos]
+        self.pos += 1
+        if self.pos == len(self._batches):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._load_epoch()
+        return idx, drop
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": self.n}
+        state = {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "n": self.n}
+        if self.buckets is not None:
+            state["size"] = self.size
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state["n"] != self.n or state["seed"] != self.seed:
             raise BadInput("checkpoint's data order does not match this cache/seed; resume with the same recipe")
+        if self.buckets is not None:
+            self.size = state.get("size")
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._load_epoch()

@@ -1,68 +1,425 @@
-"""``apexctl prepare``: encode a data source once into the latent cache (data/cache.py)."""
+"""``apexctl prepare``: encode a data source once into the sharded latent cache (data/cache.py).
+
+Steps: list the source (captions only) → drop empty / over-long captions → encode the distinct prompts into prompt
+shards → decode images on DataLoader workers (or let the teacher synthesise them) and encode them into image shards
+→ write ``prompts.json``, ``manifest.json`` and ``prepare_report.json``.
+
+Resumable and idempotent: ``build.json`` records what is being built; each finished shard has a sidecar ``.json``
+(written after the shard, both atomically). A rerun keeps every shard whose sha256 matches its sidecar and writes
+only the rest; a rerun with other settings starts over. Nothing is written in place, so an interruption or a full
+disk leaves every finished shard valid.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from apexctl.data.cache import model_fingerprint, write_cache
-from apexctl.progress import progress
-from apexctl.recipe import Recipe
+from apexctl.atomic import write_text
+from apexctl.data.cache import (
+    CACHE_VERSION,
+    MANIFEST,
+    PROMPTS_FILE,
+    LatentCache,
+    manifest_hash,
+    model_fingerprint,
+)
+from apexctl.data.report import Report
+from apexctl.data.shards import quick_digest, sha256_file, write_shard
+from apexctl.data.sources import Item, Source
+from apexctl.errors import ApexError, BadInput
+from apexctl.recipe import DataSpec, Recipe, torch_dtype
+
+BUILD = "build.json"
+
+
+def resolved_cache_dtype(d: DataSpec) -> str:
+    """``data.cache_dtype`` with ``auto`` resolved: fp32 for the digits (exact demo numbers), bf16 otherwise."""
+    if d.cache_dtype != "auto":
+        return d.cache_dtype
+    return "fp32" if d.source == "digits" else "bf16"
+
+
+def data_settings(d: DataSpec, model_dir: str) -> dict:
+    """The data settings a cache's content depends on (not throughput knobs such as workers or batch sizes)."""
+    s: dict = {"resolution": d.resolution, "cache_dtype": resolved_cache_dtype(d), "limit": d.limit}
+    if d.source == "digits":
+        s.update(holdout=d.holdout, seed=d.seed)
+        return s
+    s.update(
+        path=d.path,
+        buckets=[list(b) for b in d.buckets] if d.buckets else None,
+        min_image_size=d.min_image_size,
+        max_caption_tokens=d.max_caption_tokens,
+        text_column=d.text_column,
+    )
+    if d.source in ("parquet", "datasets", "hub"):
+        s["image_column"] = d.image_column
+    if d.source in ("datasets", "hub"):
+        s["split"] = d.split
+    if d.synthesize is not None:
+        sy = d.synthesize
+        s["synthesize"] = {
+            "steps": sy.steps,
+            "guidance": sy.guidance,
+            "negative_prompt": sy.negative_prompt,
+            "images_per_prompt": sy.images_per_prompt,
+            "seed": sy.seed,
+            "teacher": model_fingerprint(model_dir, ("transformer", "scheduler")),
+        }
+    return s
 
 
 def cache_identity(recipe: Recipe, model_dir: str, family: str) -> dict:
     """The manifest fields a cache must match to serve ``recipe`` (checked by distill)."""
     d = recipe.data
+    settings = data_settings(d, model_dir)
     return {
         "source": d.source,
         "family": family,
         "model_fingerprint": model_fingerprint(model_dir),
-        "data": {"resolution": d.resolution, "holdout": d.holdout, "seed": d.seed},
+        "data": settings,
+        "data_hash": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16],
     }
 
 
+# -- build state (resume) -------------------------------------------------------------------------------------------
+class BuildState:
+    """What is being built (``build.json``) and which shards are finished (sidecars whose sha256 still matches)."""
+
+    def __init__(self, root: Path, plan: dict) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        old = root / BUILD
+        same = old.is_file() and _read_json(old) == plan
+        if not same:
+            for name in (MANIFEST, PROMPTS_FILE, BUILD):
+                (root / name).unlink(missing_ok=True)
+            for sub in ("prompts", "images"):
+                shutil.rmtree(root / sub, ignore_errors=True)
+            write_text(old, json.dumps(plan, indent=1, sort_keys=True))
+        self.resumed = same
+
+    def done(self, name: str) -> dict | None:
+        """The sidecar of a finished, verified shard ``name`` (relative path), else None (a bad one is removed)."""
+        shard, side = self.root / name, self.root / (name.removesuffix(".safetensors") + ".json")
+        if side.is_file() and shard.is_file():
+            entry = _read_json(side)
+            if entry is not None and entry.get("sha256") == sha256_file(shard):
+                return entry
+        shard.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
+        return None
+
+    def finish(self, name: str, tensors: dict[str, torch.Tensor], extra: dict) -> dict:
+        """Write shard ``name`` and then its sidecar; the manifest is stale from now until the end of the run."""
+        (self.root / MANIFEST).unlink(missing_ok=True)
+        entry = write_shard(self.root / name, tensors)
+        entry = {**entry, "file": name, **extra}
+        write_text(self.root / (name.removesuffix(".safetensors") + ".json"), json.dumps(entry, sort_keys=True))
+        return entry
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _items_hash(items: Sequence[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.index, it.key, list(it.captions), it.seed]).encode())
+    return h.hexdigest()[:16]
+
+
+# -- progress -------------------------------------------------------------------------------------------------------
+def _speed_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class ItemsPerSecond(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} items/s" if task.speed else "– items/s")
+
+    return ItemsPerSecond()
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def prepare(recipe: Recipe, *, quiet: bool = False, batch_size: int = 256) -> Path:
-    from apexctl.data import digits
+def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) -> Path:
+    """Build (or resume, or verify and keep) the cache of ``recipe.data``; returns the cache folder."""
+    from apexctl.data.captions import filter_captions
+    from apexctl.data.sources import open_source
     from apexctl.models import load_for_recipe, resolve_model_path
 
+    if limit is not None:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"limit": limit})})
+    d = recipe.data
+    if d.source == "prompts" and d.buckets:
+        raise BadInput("data.buckets is not supported with data.source = 'prompts' (the teacher draws at resolution)")
+    source = open_source(d)  # a missing source or column fails here, before any model is loaded
     model_dir = resolve_model_path(recipe.model.path)
     backbone = load_for_recipe(recipe.model, model_dir)
-    d = recipe.data
-    split = digits.load_split(holdout=d.holdout, seed=d.seed)
-    pairs = digits.training_pairs(split.train_labels, seed=d.seed)
-    prompts = sorted(set(digits.all_prompts()) | {""})  # "" is the unconditional prompt (cond_dropout, CFG)
-    index = {p: i for i, p in enumerate(prompts)}
+    t0 = time.perf_counter()  # throughput counts listing checks + encoding, not imports and model loading
+    identity = cache_identity(recipe, model_dir, backbone.family)
+    root = Path(d.cache_dir)
+    report = Report(source.name)
+    items = source.items[: d.limit] if d.limit else list(source.items)
+    last = items[-1].index if items else -1
+    for index, key, reason in source.rejected:
+        if d.limit is None or index <= last:
+            report.skip(index, key, reason)
+    items = filter_captions(items, backbone, d.max_caption_tokens, report)
+    prompts = sorted({c for it in items for c in it.captions} | set(source.extra_prompts) | {""})
+    buckets = _buckets(d)
+    plan = {
+        "version": CACHE_VERSION,
+        "identity": identity,
+        "shard_size": d.shard_size,
+        "items": _items_hash(items),
+        "num_items": len(items),
+        "num_prompts": len(prompts),
+    }
+    state = BuildState(root, plan)
+    dtype = torch_dtype(resolved_cache_dtype(d))
+    from apexctl.progress import progress
 
-    conds = []
-    with progress(quiet) as bar:
-        task = bar.add_task("encode prompts", total=len(prompts))
-        for i in range(0, len(prompts), batch_size):
-            conds.append(backbone.encode_prompts(prompts[i : i + batch_size]))
-            bar.advance(task, len(prompts[i : i + batch_size]))
-        from apexctl.models.base import Cond
+    encoded = 0
+    try:
+        with progress(quiet, _speed_column()) as bar:
+            prompt_entries = _prompt_shards(state, backbone, prompts, d, dtype, bar)
+            image_entries, encoded = _image_shards(state, backbone, source, items, prompts, buckets, d, dtype, bar)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApexError(
+                f"{root}: disk full while writing the cache ({e.strerror}); finished shards are kept, free space "
+                "and rerun `apexctl prepare` to resume"
+            ) from None
+        raise
+    for entry in image_entries:
+        for s in entry["skipped"]:
+            report.skip(s["index"], s["item"], s["reason"])
+    seconds = time.perf_counter() - t0
+    num_images = sum(e["images"] for e in image_entries)
+    counts = {
+        "items": len(source.items[: d.limit] if d.limit else source.items) + len(source.rejected),
+        "images": num_images,
+        "pairs": sum(e["pairs"] for e in image_entries),
+        "prompts": len(prompts),
+        "skipped": len(report.skipped),
+    }
+    timing = {"seconds": round(seconds, 3), "encoded_items": encoded, "items_per_s": round(encoded / seconds, 2)}
+    report.write(root, counts, timing)
+    if num_images == 0:
+        raise BadInput(
+            f"{d.path or d.source}: no usable items ({counts['skipped']} skipped, see {root}/prepare_report.json)"
+        )
+    _write_manifest(root, identity, d, prompts, prompt_entries, image_entries, buckets, counts)
+    if d.synthesize is not None and d.synthesize.export_dir:
+        from apexctl.data.synthesize import export_image_folder
 
-        cond = Cond.cat(conds)
-        images = split.train_images.expand(-1, 3, -1, -1)  # grey → RGB in [−1, 1]
-        if images.shape[-1] != d.resolution:
-            images = F.interpolate(images, size=(d.resolution, d.resolution), mode="bilinear", align_corners=False)
-        lat = []
-        task = bar.add_task("encode images", total=images.shape[0])
-        for i in range(0, images.shape[0], batch_size):
-            lat.append(backbone.encode_images(images[i : i + batch_size].to(backbone.device)).float().cpu())
-            bar.advance(task, min(batch_size, images.shape[0] - i))
-    latents = torch.cat(lat)
-    meta = cache_identity(recipe, model_dir, backbone.family)
-    return write_cache(
-        d.cache_dir,
-        latents=latents,
-        embeds=cond.embeds.float().cpu(),
-        mask=cond.mask.long().cpu(),
-        pair_image=torch.tensor([i for i, _ in pairs]),
-        pair_prompt=torch.tensor([index[p] for _, p in pairs]),
-        prompts=prompts,
-        meta=meta,
-        pooled=None if cond.pooled is None else cond.pooled.float().cpu(),
-    )
+        export_image_folder(root, backbone, d.synthesize.export_dir, batch=d.encode_batch)
+    return root
+
+
+def _buckets(d: DataSpec) -> list[tuple[int, int]]:
+    from apexctl.data.buckets import bucket_list
+
+    return bucket_list(d.resolution, d.buckets)
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _prompt_shards(state: BuildState, backbone, prompts: list[str], d: DataSpec, dtype, bar) -> list[dict]:
+    from apexctl.models.base import Cond
+
+    entries = []
+    task = bar.add_task("encode prompts", total=len(prompts))
+    for k, chunk in enumerate(_chunks(len(prompts), d.shard_size)):
+        name = f"prompts/shard-{k:05d}.safetensors"
+        entry = state.done(name)
+        if entry is None:
+            texts = [prompts[i] for i in chunk]
+            cond = Cond.cat(
+                [backbone.encode_prompts(texts[i : i + d.encode_batch]) for i in range(0, len(texts), d.encode_batch)]
+            )
+            tensors = {"embeds": cond.embeds.float().cpu().to(dtype), "mask": cond.mask.cpu().to(torch.uint8)}
+            if cond.pooled is not None:
+                tensors["pooled"] = cond.pooled.float().cpu().to(dtype)
+            entry = state.finish(
+                name,
+                tensors,
+                {"count": len(texts), "embed_dim": int(cond.embeds.shape[-1]), "pooled_dim": _dim(cond.pooled)},
+            )
+        entries.append(entry)
+        bar.advance(task, len(chunk))
+    return entries
+
+
+def _dim(t: torch.Tensor | None) -> int | None:
+    return None if t is None else int(t.shape[-1])
+
+
+def _image_shards(
+    state: BuildState,
+    backbone,
+    source: Source,
+    items: list[Item],
+    prompts: list[str],
+    buckets: list[tuple[int, int]],
+    d: DataSpec,
+    dtype,
+    bar,
+) -> tuple[list[dict], int]:
+    """Write every unfinished image shard; returns all shards' sidecar entries and how many items were encoded now."""
+    from apexctl.data.buckets import DecodeDataset, decode_batches, image_preparer
+
+    prompt_id = {p: i for i, p in enumerate(prompts)}
+    chunks = _chunks(len(items), d.shard_size)
+    names = [f"images/shard-{k:05d}.safetensors" for k in range(len(chunks))]
+    entries: list[dict | None] = [state.done(n) for n in names]
+    pending = [k for k, e in enumerate(entries) if e is None]
+    task = bar.add_task("synthesise images" if d.synthesize else "encode images", total=len(items))
+    bar.advance(task, sum(len(chunks[k]) for k in range(len(chunks)) if entries[k] is not None))
+    synth = d.synthesize is not None
+    if not synth:
+        in_memory = source.name == "digits"  # already tensors: worker processes would only add pickling
+        dataset = DecodeDataset(source, items, image_preparer(buckets, d.min_image_size, d.resolution))
+        batches = [
+            list(c[i : i + d.encode_batch])
+            for k in pending
+            for c in [chunks[k]]
+            for i in range(0, len(c), d.encode_batch)
+        ]
+        stream = iter(decode_batches(dataset, batches, 0 if in_memory else d.num_workers))
+    encoded = 0
+    for k in pending:
+        chunk = chunks[k]
+        rows: dict[int, list[tuple[int, torch.Tensor]]] = {}  # bucket → (pos, latent) in item order
+        skipped = []
+        if synth:
+            sub = [items[i] for i in chunk]
+            from apexctl.data.synthesize import synthesize_latents
+
+            for i in range(0, len(sub), d.synthesize.batch):
+                part = sub[i : i + d.synthesize.batch]
+                lat = synthesize_latents(
+                    backbone,
+                    [it.captions[0] for it in part],
+                    [it.seed for it in part],
+                    d.synthesize,
+                    d.resolution,
+                    d.resolution,
+                )
+                rows.setdefault(0, []).extend((chunk[i + j], lat[j].to(dtype)) for j in range(len(part)))
+                bar.advance(task, len(part))
+        else:
+            for _ in range(-(-len(chunk) // d.encode_batch)):
+                decoded = next(stream)
+                by_bucket: dict[int, list] = {}
+                for r in decoded:
+                    if r.reason is not None:
+                        it = items[r.pos]
+                        skipped.append({"index": it.index, "item": it.key, "reason": r.reason})
+                    else:
+                        by_bucket.setdefault(r.bucket, []).append(r)
+                for b, rs in by_bucket.items():
+                    images = torch.stack([r.image for r in rs]).to(backbone.device)
+                    lat = backbone.encode_images(images).float().cpu().to(dtype)
+                    rows.setdefault(b, []).extend((r.pos, lat[j]) for j, r in enumerate(rs))
+                bar.advance(task, len(decoded))
+        encoded += len(chunk)
+        entries[k] = state.finish(names[k], *_shard_tensors(rows, items, prompt_id, skipped))
+    return [e for e in entries if e is not None], encoded
+
+
+def _shard_tensors(
+    rows: dict[int, list[tuple[int, torch.Tensor]]], items: list[Item], prompt_id: dict[str, int], skipped: list[dict]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per-bucket latents / source index / seed, and one pair row per caption in item order."""
+    tensors: dict[str, torch.Tensor] = {}
+    where: dict[int, tuple[int, int]] = {}  # pos → (bucket, row)
+    shapes = {}
+    for b in sorted(rows):
+        rs = sorted(rows[b], key=lambda r: r[0])
+        tensors[f"latents.{b}"] = torch.stack([lat for _, lat in rs])
+        tensors[f"index.{b}"] = torch.tensor([items[pos].index for pos, _ in rs], dtype=torch.long)
+        if items[rs[0][0]].seed is not None:
+            tensors[f"seed.{b}"] = torch.tensor([items[pos].seed for pos, _ in rs], dtype=torch.long)
+        where.update({pos: (b, r) for r, (pos, _) in enumerate(rs)})
+        shapes[str(b)] = [len(rs), *tensors[f"latents.{b}"].shape[1:]]
+    pb, pr, pp = [], [], []
+    for pos in sorted(where):
+        b, r = where[pos]
+        for c in items[pos].captions:
+            pb.append(b)
+            pr.append(r)
+            pp.append(prompt_id[c])
+    tensors["pair_bucket"] = torch.tensor(pb, dtype=torch.long)
+    tensors["pair_row"] = torch.tensor(pr, dtype=torch.long)
+    tensors["pair_prompt"] = torch.tensor(pp, dtype=torch.long)
+    extra = {"images": len(where), "pairs": len(pp), "buckets": shapes, "skipped": skipped}
+    return tensors, extra
+
+
+def _write_manifest(
+    root: Path,
+    identity: dict,
+    d: DataSpec,
+    prompts: list[str],
+    prompt_entries: list[dict],
+    image_entries: list[dict],
+    buckets: list[tuple[int, int]],
+    counts: dict,
+) -> None:
+    write_text(root / PROMPTS_FILE, json.dumps(prompts, ensure_ascii=False))
+    pf = root / PROMPTS_FILE
+    per_bucket: dict[int, dict] = {}
+    for e in image_entries:
+        for b, (n, *shape) in e["buckets"].items():
+            slot = per_bucket.setdefault(int(b), {"size": list(buckets[int(b)]), "latent_shape": shape, "images": 0})
+            slot["images"] += n
+    bucket_list = [per_bucket[b] for b in sorted(per_bucket)]
+    keep = ("file", "bytes", "sha256", "quick")
+    manifest = {
+        "version": CACHE_VERSION,
+        **identity,
+        "cache_dtype": resolved_cache_dtype(d),
+        "latent_shape": bucket_list[0]["latent_shape"] if len(bucket_list) == 1 else None,
+        "buckets": bucket_list,
+        "embed_dim": prompt_entries[0]["embed_dim"],
+        "pooled_dim": prompt_entries[0]["pooled_dim"],
+        "num_images": counts["images"],
+        "num_prompts": len(prompts),
+        "num_pairs": counts["pairs"],
+        "num_skipped": counts["skipped"],
+        "empty_prompt": prompts.index(""),
+        "prompts_file": {
+            "file": PROMPTS_FILE,
+            "bytes": pf.stat().st_size,
+            "sha256": sha256_file(pf),
+            "quick": quick_digest(pf),
+        },
+        "shards": {
+            "prompts": [{k: e[k] for k in (*keep, "count")} for e in prompt_entries],
+            "images": [{k: e[k] for k in (*keep, "images", "pairs")} for e in image_entries],
+        },
+    }
+    manifest["manifest_sha256"] = manifest_hash(manifest)
+    write_text(root / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def verify(cache_dir: str | Path) -> LatentCache:
+    """Full check of an existing cache: every file's sha256 against the manifest (BadInput naming the first bad file)."""
+    return LatentCache.open(cache_dir, verify="full")

@@ -268,7 +268,7 @@ def train(
 
     objective = build_objective(recipe, reference)
 
-    sampler = PairSampler(len(cache), seed=tr.seed, cond_dropout=recipe.data.cond_dropout)
+    sampler = PairSampler(len(cache), seed=tr.seed, cond_dropout=recipe.data.cond_dropout, buckets=cache.pair_buckets)
     guided_ref = m.objective == "apex" and m.reference_guidance > 1.0
     empty = cache.prompt_index("") if (recipe.data.cond_dropout > 0 or guided_ref) else None
     counter = StepCounter()

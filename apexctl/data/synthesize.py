@@ -1,0 +1,82 @@
+"""Teacher synthesis for prompt-only data (``data.synthesize``): the recipe's model draws each image itself.
+
+Image k of prompt i is the teacher's multi-step Euler sample (``synthesize.steps``, CFG ``synthesize.guidance``
+against ``negative_prompt``) from ``seeded_noise`` with seed ``synthesize.seed + images_per_prompt·i + k`` — the same
+call ``apexctl sample --steps S --guidance G --seed …`` makes, so a cached image can be reproduced from its recorded
+seed. The latents go into the cache as they come out of the sampler (no decode/encode round trip).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from apexctl.atomic import atomic_dir
+from apexctl.models.base import Backbone
+from apexctl.recipe import SynthesizeSpec
+
+
+@torch.no_grad()
+def synthesize_latents(
+    backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], spec: SynthesizeSpec, height: int, width: int
+) -> torch.Tensor:
+    """Teacher latents ``[N, C, h, w]`` (float32) for ``prompts[i]`` with ``seeds[i]``, in batches of ``spec.batch``."""
+    from apexctl.generate import generate_latents
+
+    unique = sorted(set(prompts))
+    enc = backbone.encode_prompts(unique)
+    cond = enc[torch.tensor([unique.index(p) for p in prompts])]
+    uncond = backbone.encode_prompts([spec.negative_prompt]) if spec.guidance > 1.0 else None
+    return generate_latents(
+        backbone,
+        cond,
+        [int(s) for s in seeds],
+        height=height,
+        width=width,
+        steps=spec.steps,
+        method="euler",
+        guidance=spec.guidance,
+        uncond=uncond,
+        batch=spec.batch,
+    )
+
+
+@torch.no_grad()
+def export_image_folder(cache_root: Path, backbone: Backbone, out_dir: str | Path, batch: int = 16) -> Path:
+    """Decode every cached image into ``out_dir`` as PNGs + ``metadata.jsonl`` (``file_name``, ``text``, ``seed``),
+    written atomically (the folder appears complete or not at all). The result is a valid ``folder`` source."""
+    from PIL import Image
+
+    from apexctl.data.cache import LatentCache
+    from apexctl.images import to_uint8
+
+    cache = LatentCache.open(cache_root, verify="none")
+    prompts = cache.prompts
+    dtype = next(backbone.transformer.parameters()).dtype
+    rows = []
+    with atomic_dir(Path(out_dir)) as tmp:
+        for shard in cache.image_shards():
+            text_of: dict[tuple[int, int], str] = {}
+            pb, pr, pp = shard["pair_bucket"].tolist(), shard["pair_row"].tolist(), shard["pair_prompt"].tolist()
+            for b, r, p in zip(pb, pr, pp, strict=True):
+                text_of.setdefault((b, r), prompts[p])
+            buckets = sorted({int(k.split(".")[1]) for k in shard.tensors if k.startswith("latents.")})
+            for b in buckets:
+                lat, index = shard[f"latents.{b}"], shard[f"index.{b}"].tolist()
+                seeds = shard[f"seed.{b}"].tolist() if f"seed.{b}" in shard else [None] * len(index)
+                for i in range(0, lat.shape[0], batch):
+                    images = backbone.decode_latents(lat[i : i + batch].to(backbone.device, dtype)).float().cpu()
+                    for j, u8 in enumerate(to_uint8(images)):
+                        row = i + j
+                        name = f"{index[row]:06d}.png"
+                        Image.fromarray(u8).save(tmp / name)
+                        rec = {"file_name": name, "text": text_of[(b, row)]}
+                        if seeds[row] is not None:
+                            rec["seed"] = int(seeds[row])
+                        rows.append((index[row], rec))
+        rows.sort(key=lambda r: r[0])
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for _, r in rows))
+    return Path(out_dir)

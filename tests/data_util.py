@@ -1,0 +1,91 @@
+"""Helpers for the data tests: tiny on-disk sources written in tmp_path, recipes, and an encoder blocker."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from apexctl.cli import app
+
+runner = CliRunner()
+TINY_DIGITS = "tiny:digits?num_layers=2&num_attention_heads=2&attention_head_dim=16"
+
+
+def ok(args: list[str]) -> str:
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def fails(args: list[str], code: int = 2) -> str:
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    return res.output
+
+
+def png_bytes(seed: int, w: int, h: int) -> bytes:
+    """A smooth random RGB image (a gradient plus noise) as PNG bytes; the same seed gives the same bytes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = (xx[..., None] * rng.uniform(0, 4, 3) + yy[..., None] * rng.uniform(0, 4, 3)) % 256
+    arr = np.clip(base + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_folder(root: Path, rows: list[tuple[str, int, int, str]]) -> Path:
+    """``rows``: (file name, width, height, caption) → PNGs + metadata.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (name, w, h, text) in enumerate(rows):
+        (root / name).write_bytes(png_bytes(i, w, h))
+        lines.append(json.dumps({"file_name": name, "text": text}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+CAPTIONS = ["a red fox", "a blue bird", "a green tree", "a red fox", "a cat", "a dog"]
+
+
+def recipe(tmp: Path, name: str, model: str = "tiny:test", data: dict | None = None, **sections) -> Path:
+    tree = {
+        "model": {"path": model},
+        "data": {"cache_dir": str(tmp / f"cache-{name}"), "resolution": 32, "num_workers": 0, **(data or {})},
+        "method": {"objective": "apex"},
+        "train": {"steps": 2, "micro_batch": 2, "log_every": 1, "checkpoint_every": 100, "seed": 1},
+        "hardware": {"device": "cpu"},
+        "output": {"dir": str(tmp / f"run-{name}")},
+    }
+    for k, v in sections.items():
+        tree.setdefault(k, {}).update(v)
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def block_encoders(monkeypatch) -> None:
+    """Make loading or calling a text encoder or codec fail loudly (training must read only the cache)."""
+    import diffusers
+    import transformers
+
+    from apexctl.models import base, qwen_image
+
+    def boom(*a, **k):
+        raise AssertionError("a text encoder or codec was loaded/used during training")
+
+    monkeypatch.setattr(transformers.Qwen2_5_VLForConditionalGeneration, "from_pretrained", boom)
+    monkeypatch.setattr(diffusers.AutoencoderKLQwenImage, "from_pretrained", boom)
+    monkeypatch.setattr(base.PixelCodec, "__init__", boom)
+    for name in ("encode_prompts", "encode_images", "decode_latents"):
+        monkeypatch.setattr(qwen_image.QwenImageBackbone, name, boom)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
