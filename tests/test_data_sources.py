@@ -98,7 +98,9 @@ def test_digits_cache_holds_the_digits_exactly(tmp_path):
     assert cache.prompts == sorted(set(digits.all_prompts()) | {""})
     assert len(cache) == len(pairs) and len(cache.manifest["shards"]["images"]) == 3
     idx = np.arange(len(pairs))
-    x = cache.latents(idx)
+    x = cache.pair_latents(idx)
+    assert cache.latents.shape == (len(split.train_images), 1, 8, 8)
+    assert torch.equal(cache.latents[:], split.train_images)
     want = split.train_images[torch.tensor([i for i, _ in pairs])]
     assert x.dtype == torch.float32 and torch.equal(x, want)
     assert [cache.prompts[p] for p in cache.pair_prompt.tolist()] == [p for _, p in pairs]

@@ -198,7 +198,17 @@ class LatentCache:
                 f"prompt {prompt!r} is not in the cache {self.root}; add it to the data source and rerun prepare"
             ) from None
 
-    def latents(self, pair_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(C, h, w)`` of the latents (of the first bucket when there are several)."""
+        return tuple(self.manifest["buckets"][0]["latent_shape"])
+
+    @property
+    def latents(self) -> _LatentsView:
+        """The images' latents as one ``[N, C, h, w]`` view (single-bucket caches; version-1 API: ``.shape``, ``[i]``)."""
+        return _LatentsView(self)
+
+    def pair_latents(self, pair_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
         """float32 latents of pairs that all share one bucket."""
         idx = torch.as_tensor(pair_idx, dtype=torch.long).reshape(-1)
         buckets = self.pair_bucket[idx].unique().tolist()
@@ -222,11 +232,37 @@ class LatentCache:
         p = self.pair_prompt[idx].clone()
         if drop is not None and empty_prompt is not None:
             p[torch.as_tensor(drop, dtype=torch.bool)] = empty_prompt
-        return self.latents(idx), self.cond(p)
+        return self.pair_latents(idx), self.cond(p)
 
     def image_shards(self) -> list[MappedShard]:
         """The mapped image shards in order (export and tests read latents, source indices and seeds from them)."""
         return list(self._image_shards)
+
+
+class _LatentsView:
+    """Image-indexed access to a single-bucket cache's latents across shards (float32 rows on indexing)."""
+
+    def __init__(self, cache: LatentCache) -> None:
+        self._shards = [s["latents.0"] for s in cache.image_shards() if "latents.0" in s]
+        counts = [t.shape[0] for t in self._shards]
+        self._start = torch.tensor(np.cumsum([0, *counts])[:-1], dtype=torch.long)
+        self.shape = torch.Size([sum(counts), *cache.latent_shape])
+        self._single = len(cache.manifest["buckets"]) == 1
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, image_idx) -> torch.Tensor:
+        if not self._single:
+            raise ValueError("a bucketed cache has no single latents tensor; use LatentCache.pair_latents")
+        idx = torch.arange(self.shape[0])[image_idx]
+        flat = idx.reshape(-1)
+        shard = torch.searchsorted(self._start, flat, right=True) - 1
+        out = torch.empty((len(flat), *self.shape[1:]))
+        for s in shard.unique().tolist():
+            sel = (shard == s).nonzero().squeeze(1)
+            out[sel] = self._shards[s][flat[sel] - self._start[s]].float()
+        return out.reshape(*idx.shape, *self.shape[1:])
 
 
 class PairSampler:
