@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-eval_app = typer.Typer(help="Score a model: digits (the embedded default).", no_args_is_help=True)
+eval_app = typer.Typer(help="Score a model: digits (the embedded default), geneval.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML (see recipes/)", show_default=False)]
@@ -275,6 +275,164 @@ def eval_digits(
         out=out,
         quiet=quiet,
     )
+
+
+@eval_app.command("geneval")
+@handle_errors
+def eval_geneval(
+    images: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--images", help="image folder, reference layout NNNNN/samples/00000.png (default RUN/eval/geneval)"
+        ),
+    ] = None,
+    generate: Annotated[
+        bool, typer.Option("--generate/--no-generate", help="generate missing images (existing ones are kept)")
+    ] = True,
+    score: Annotated[bool, typer.Option("--score/--no-score", help="score the image folder")] = True,
+    recipe: Annotated[
+        Optional[Path], typer.Option("--recipe", help="generate with this recipe's trained model")
+    ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="model folder, hub id or tiny:<preset>")] = None,
+    lora: Annotated[
+        Optional[Path], typer.Option("--lora", help="a LoRA run folder, or a LoRA folder (base from --model)")
+    ] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="sampling steps (default: recipe)")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="auto | one | few | euler")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", min=1.0, help="classifier-free guidance")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="image k of every prompt uses seed + k")] = 42,
+    per_prompt: Annotated[int, typer.Option("--per-prompt", min=1, help="images per prompt (GenEval: 4)")] = 4,
+    size: Annotated[Optional[int], typer.Option("--size", min=8, help="image height = width (default: recipe)")] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="images per generation batch")] = 16,
+    prompts: Annotated[
+        Optional[str], typer.Option("--prompts", help="a subset, e.g. 0:50 or 3,17,40 (reported as partial)")
+    ] = None,
+    detector: Annotated[
+        Optional[str], typer.Option("--detector", help="hf-mask2former weights: a local folder (or cached hub id)")
+    ] = None,
+    detections: Annotated[
+        Optional[Path], typer.Option("--detections", help="score a detections JSONL from any detector instead")
+    ] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="CLIP folder for the colour tasks")] = None,
+    option: Annotated[
+        Optional[list[str]], typer.Option("--option", help="scoring option key=value (the reference's --options)")
+    ] = None,
+    allow_partial: Annotated[
+        bool, typer.Option("--allow-partial", help="score an incomplete folder (the report lists what is missing)")
+    ] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="results folder (default: the image folder)")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cuda | cpu (default: cuda if present)")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """GenEval: the 553 prompts × 4 images (resumable), scored as the reference does; per-task table like Table 2."""
+    from apexctl.eval.geneval_prompts import parse_prompt_selection
+    from apexctl.eval.geneval_score import Options
+    from apexctl.eval.run_geneval import check_scoring_inputs, score_geneval
+
+    if not generate and not score:
+        raise BadInput("nothing to do: --no-generate and --no-score")
+    if method is not None and method not in ("auto", "one", "few", "euler"):
+        raise BadInput(f"--method {method!r}: expected one of auto, one, few, euler")
+    selection = parse_prompt_selection(prompts)
+    opts = Options.parse(option)
+    if score:  # before generation: a missing weight folder should not surface hours later
+        check_scoring_inputs(detector=detector, detections=detections, clip=clip, selection=selection)
+    name = None
+    if generate:
+        from apexctl.eval.geneval_generate import generate_geneval
+        from apexctl.sampling import load_sampling_model
+
+        r = _recipe(recipe, set_) if recipe is not None else None
+        if r is None and lora is not None and (lora / "recipe.yaml").is_file():
+            r = _recipe(lora / "recipe.yaml", set_)
+        if r is None and model is None and lora is None:
+            run = _newest_run()
+            model = str(run / "model")
+            if (run / "recipe.yaml").is_file():
+                r = _recipe(run / "recipe.yaml", set_)
+        if images is None:
+            if lora is not None and (lora / "lora").is_dir():
+                images = lora / "eval" / "geneval"
+            elif model is None and r is not None:
+                images = Path(r.output.dir) / "eval" / "geneval"
+            elif model is not None and Path(model).is_dir():
+                images = Path(model).parent / "eval" / "geneval"
+            else:
+                images = Path("geneval")
+        spec = r.sample if r is not None else None
+        size = size or (spec.height if spec and spec.height else None) or (r.data.resolution if r else None)
+        if size is None:
+            raise BadInput("--size is needed when the model has no recipe next to it")
+        steps = steps or (spec.steps if spec else 1)
+        method = method or (spec.method if spec else "auto")
+        guidance = guidance if guidance is not None else (spec.guidance if spec else 1.0)
+        width = spec.width if spec and spec.width and spec.height == size else size
+        source = {"recipe": str(recipe) if recipe else None, "model": model, "lora": str(lora) if lora else None}
+        name = model or str(lora or recipe)
+        settings = {"source": source, "steps": steps, "method": method, "guidance": guidance, "seed": seed}
+        settings.update({"height": size, "width": width, "negative_prompt": spec.negative_prompt if spec else ""})
+        stats = generate_geneval(
+            images,
+            selection,
+            load_backbone=lambda: load_sampling_model(r, model, lora)[0],
+            settings=settings,
+            per_prompt=per_prompt,
+            seed=seed,
+            height=size,
+            width=width,
+            steps=steps,
+            method=method,
+            guidance=guidance,
+            negative_prompt=spec.negative_prompt if spec else "",
+            renoise=spec.renoise if spec else "stochastic",
+            batch=batch,
+            quiet=quiet,
+        )
+        typer.echo(f"geneval images in {images}: {stats['generated']} generated, {stats['kept']} kept")
+    elif images is None:
+        raise BadInput("--images DIR is needed with --no-generate")
+    if score:
+        score_geneval(
+            images,
+            selection=selection,
+            per_prompt=per_prompt,
+            detector=detector,
+            detections=detections,
+            clip=clip,
+            options=opts,
+            allow_partial=allow_partial,
+            out=out,
+            device=device,
+            name=name,
+            quiet=quiet,
+        )
+
+
+RunArg = Annotated[
+    Optional[Path], typer.Argument(help="a run folder (output.dir): its student/teacher and where eval/ is written")
+]
+PromptsOpt = Annotated[
+    Optional[Path],
+    typer.Option("--prompts", help="prompt list: .txt (one per line), .jsonl, or .json (MJHQ-30K meta_data.json)"),
+]
+NumOpt = Annotated[Optional[int], typer.Option("--num", min=1, help="use only the first N prompts")]
+PerPromptOpt = Annotated[int, typer.Option("--per-prompt", min=1, help="images per prompt (seeds seed+k)")]
+StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="student sampling steps")]
+TeacherStepsOpt = Annotated[
+    Optional[int],
+    typer.Option("--teacher-steps", min=1, help="teacher Euler steps (default: data.synthesize.steps, else 50)"),
+]
+TeacherGuidanceOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--teacher-guidance",
+        min=1.0,
+        help="teacher CFG (default: data.synthesize.guidance, else the teacher run's sample.guidance)",
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="first seed; image k of a prompt uses seed + k")]
+BatchOpt = Annotated[int, typer.Option("--batch", min=1, help="images per generation / feature batch")]
 
 
 def main() -> None:

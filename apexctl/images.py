@@ -70,13 +70,15 @@ def make_grid(
     upscale: int = 1,
     labels: Sequence[str] | None = None,
     marks: Sequence[bool | None] | None = None,
+    mark_style: str = "square",
 ) -> Image.Image:
     """Tile ``images`` ``[B, 1|3, H, W]`` (in [−1, 1]) into rows of ``nrow`` cells; returns an RGB PIL image.
 
     Cells are ``(H·upscale) × (W·upscale)`` with ``PAD`` pixels between and around them. ``labels`` (one per row,
     ``ceil(B / nrow)`` of them) are drawn with PIL's default font in a left margin as wide as the widest label plus
     ``2·PAD``; a row is as tall as the larger of a cell and the text. ``marks`` (one per image): True draws a green,
-    False a red square in the cell's top-right corner, None nothing. Without labels the size is exactly
+    False a red square in the cell's top-right corner, None nothing; ``mark_style="glyph"`` draws a green ✓ / red ✗
+    (lines, no font needed) on a dark patch instead. Without labels the size is exactly
     ``W_out = nrow·cw + (nrow+1)·PAD``, ``H_out = rows·ch + (rows+1)·PAD``.
     """
     arr = to_uint8(images)
@@ -107,11 +109,30 @@ def make_grid(
         canvas.paste(Image.fromarray(_upscale(arr[i], upscale)), (x0, y0))
         if marks is not None and marks[i] is not None:
             x1 = x0 + cw - 1
-            draw.rectangle((x1 - mark_size + 1, y0, x1, y0 + mark_size - 1), fill=MARK_COLORS[bool(marks[i])])
+            box = (x1 - mark_size + 1, y0, x1, y0 + mark_size - 1)
+            if mark_style == "glyph":
+                _draw_glyph(draw, box, bool(marks[i]))
+            else:
+                draw.rectangle(box, fill=MARK_COLORS[bool(marks[i])])
     for r, text in enumerate(labels or []):
         _, top, _, bottom = font.getbbox(text)
         draw.text((PAD, PAD + r * (row_h + PAD) + (row_h - bottom - top) // 2), text, fill=LABEL_COLOR, font=font)
     return canvas
+
+
+def _draw_glyph(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], ok: bool) -> None:
+    """A ✓ (ok) or ✗ drawn with lines inside ``box`` on a dark patch, so it reads on any image."""
+    x0, y0, x1, y1 = box
+    s = x1 - x0
+    width = max(1, s // 6)
+    draw.rectangle(box, fill=(0, 0, 0))
+    m = max(1, s // 6)  # inner margin
+    if ok:
+        pts = [(x0 + m, y0 + s // 2), (x0 + s * 2 // 5, y1 - m), (x1 - m, y0 + m)]
+        draw.line(pts, fill=MARK_COLORS[True], width=width)
+    else:
+        draw.line([(x0 + m, y0 + m), (x1 - m, y1 - m)], fill=MARK_COLORS[False], width=width)
+        draw.line([(x0 + m, y1 - m), (x1 - m, y0 + m)], fill=MARK_COLORS[False], width=width)
 
 
 def save_grid(
@@ -121,6 +142,9 @@ def save_grid(
     upscale: int = 1,
     labels: Sequence[str] | None = None,
     marks: Sequence[bool | None] | None = None,
+    mark_style: str = "square",
 ) -> Path:
     """``make_grid(...)`` saved atomically as PNG at ``path``; returns the path."""
-    return _save_atomic(make_grid(images, nrow, upscale=upscale, labels=labels, marks=marks), path)
+    return _save_atomic(
+        make_grid(images, nrow, upscale=upscale, labels=labels, marks=marks, mark_style=mark_style), path
+    )

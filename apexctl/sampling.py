@@ -40,6 +40,24 @@ def load_trained(recipe: Recipe, model: str | None = None):
     return backbone
 
 
+def load_sampling_model(recipe: Recipe | None, model: str | None, lora: Path | None = None):
+    """(Backbone, description) to sample: ``--lora`` (a run folder, base from its recipe, or a LoRA folder with the
+    base from ``--model`` or the recipe), else ``load_trained`` for a recipe, else the ``--model`` folder itself."""
+    from apexctl.models import load_backbone, load_for_recipe
+
+    if lora is not None:
+        from apexctl.merge import resolve_lora
+
+        folder, base = resolve_lora(Path(lora), model or (recipe.model.path if recipe is not None else None))
+        backbone = load_for_recipe(recipe.model, base) if recipe is not None else load_backbone(base)
+        backbone.load_lora(folder)
+        return backbone, f"{base} + LoRA {folder}"
+    path = resolve_model(recipe, model)
+    backbone = load_trained(recipe, model) if recipe is not None else load_backbone(path)
+    lora_dir = Path(recipe.output.dir) / "lora" if recipe is not None and recipe.model.lora and model is None else None
+    return backbone, f"{path} + LoRA {lora_dir}" if lora_dir else path
+
+
 def run_sample(
     prompts: list[str],
     *,
@@ -56,7 +74,6 @@ def run_sample(
 ) -> Path:
     from apexctl.generate import generate_images
     from apexctl.images import save_grid, save_png
-    from apexctl.models import load_backbone
 
     spec = recipe.sample if recipe is not None else None
     path = resolve_model(recipe, model)
@@ -69,7 +86,7 @@ def run_sample(
             raise BadInput("--size is needed when the model has no recipe next to it")
     steps = steps or (spec.steps if spec else 1)
     guidance = guidance if guidance is not None else (spec.guidance if spec else 1.0)
-    backbone = load_trained(recipe, model) if recipe is not None else load_backbone(path)
+    backbone, _ = load_sampling_model(recipe, model)
     all_prompts = [p for p in prompts for _ in range(num_images)]
     seeds = [seed + k for _ in prompts for k in range(num_images)]
     images = generate_images(

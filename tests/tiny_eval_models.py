@@ -33,3 +33,53 @@ def build_tiny_clip(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(out)
     return out
+
+
+def build_tiny_mask2former(
+    out: Path, labels: list[str] | None = None, boost: tuple[str, ...] = (), seed: int = 0
+) -> Path:
+    """A random ``Mask2FormerForUniversalSegmentation`` (tiny Swin, 80 COCO labels, 10 queries) + its image processor
+    saved to ``out``; ``labels`` overrides ``id2label`` (default: GenEval's 80 class names); the classes in ``boost``
+    get a large logit bias, so every query proposes them (the pipeline then has objects to classify)."""
+    import torch
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    from apexctl.eval.geneval_prompts import class_names
+
+    torch.manual_seed(seed)
+    names = list(labels if labels is not None else class_names())
+    swin = SwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        image_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=swin,
+        num_queries=10,
+        hidden_dim=32,
+        feature_size=32,
+        mask_feature_size=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+        num_attention_heads=2,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        for name in boost:
+            model.class_predictor.bias[names.index(name)] += 8.0
+    model.save_pretrained(out)
+    Mask2FormerImageProcessor().save_pretrained(out)
+    return out
