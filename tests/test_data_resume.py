@@ -118,7 +118,10 @@ def test_disk_full_keeps_finished_shards(tmp_path, monkeypatch):
 
 def test_changed_settings_start_over(tmp_path, monkeypatch):
     r = _folder_recipe(tmp_path, "chg")
+    (tmp_path / "cache-chg").mkdir()
+    (tmp_path / "cache-chg" / "latents.safetensors").write_bytes(b"a version-1 cache")
     ok(["prepare", r, "-q"])
+    assert not (tmp_path / "cache-chg" / "latents.safetensors").exists()
     r2 = recipe(
         tmp_path, "chg", data={"source": "folder", "path": str(tmp_path / "imgs"), "shard_size": 2, "resolution": 16}
     )

@@ -31,13 +31,14 @@ from apexctl.data.cache import (
     manifest_hash,
     model_fingerprint,
 )
-from apexctl.data.report import Report
+from apexctl.data.report import REPORT_NAME, Report
 from apexctl.data.shards import quick_digest, sha256_file, write_shard
 from apexctl.data.sources import Item, Source
 from apexctl.errors import ApexError, BadInput
 from apexctl.recipe import DataSpec, Recipe, torch_dtype
 
 BUILD = "build.json"
+_V1_FILES = ("latents.safetensors", "prompts.safetensors", "pairs.safetensors")
 
 
 def resolved_cache_dtype(d: DataSpec) -> str:
@@ -100,7 +101,8 @@ class BuildState:
         old = root / BUILD
         same = old.is_file() and _read_json(old) == plan
         if not same:
-            for name in (MANIFEST, PROMPTS_FILE, BUILD):
+            # _V1_FILES: a version-1 (single-file) cache left in the same folder by an older apexctl
+            for name in (MANIFEST, PROMPTS_FILE, BUILD, REPORT_NAME, *_V1_FILES):
                 (root / name).unlink(missing_ok=True)
             for sub in ("prompts", "images"):
                 shutil.rmtree(root / sub, ignore_errors=True)
