@@ -5,8 +5,9 @@
 Two data sets: the embedded digits (tiny:digits, 1400 images with ~4 prompts each) and a folder of 64×64 PNGs with
 captions (tiny:test, f4 VAE). ``prepare`` is timed from after the model is loaded to the manifest (caption checks,
 prompt encoding, image decoding on DataLoader workers, image encoding, shard writes and checksums); the baseline
-loop decodes, fits and encodes one item at a time (its image, then its captions) and writes nothing. Runs are
-interleaved and the table reports medians.
+loop decodes, fits and encodes one item at a time (its image, then its captions) and writes nothing. Each
+repeat runs the loop and then prepare; the table reports medians, the ratio as the median of the per-repeat ratios
+(so machine load that changes over time hits both sides of a ratio alike), and the min–max spread.
 """
 
 from __future__ import annotations
@@ -101,14 +102,15 @@ def main() -> None:
             for _ in range(args.repeats):
                 base.append(baseline(recipe, backbone, min(args.baseline_items, n)))
                 prep.append(run_prepare(recipe, tmp / "cache"))
-            rows.append((name, n, statistics.median(prep), statistics.median(base), prep, base))
+            ratio = statistics.median(p / b for p, b in zip(prep, base, strict=True))  # pairs run back to back
+            rows.append((name, n, statistics.median(prep), statistics.median(base), ratio, prep, base))
         print(
             f"threads {torch.get_num_threads()}, DataLoader workers {args.workers}, median of {args.repeats} runs "
             f"(baseline on the first {args.baseline_items} items)"
         )
         print(f"{'data':<36} {'items':>6} {'prepare items/s':>16} {'1-item loop':>12} {'ratio':>6}")
-        for name, n, p, b, ps, bs in rows:
-            print(f"{name:<36} {n:>6} {p:>16.1f} {b:>12.1f} {p / b:>6.1f}")
+        for name, n, p, b, ratio, ps, bs in rows:
+            print(f"{name:<36} {n:>6} {p:>16.1f} {b:>12.1f} {ratio:>6.1f}")
             print(f"{'':<36} {'':>6} {min(ps):>7.1f}–{max(ps):<8.1f} {min(bs):>5.1f}–{max(bs):<6.1f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
