@@ -554,6 +554,40 @@ def eval_clip_score(
     )
 
 
+@eval_app.command("report")
+@handle_errors
+def eval_report(
+    run: Annotated[Path, typer.Argument(help="a run folder (output.dir of the recipe)")],
+    no_samples: Annotated[
+        bool, typer.Option("--no-samples", help="no sample grids (nothing is generated, no model is loaded)")
+    ] = False,
+    steps: Annotated[
+        Optional[list[int]], typer.Option("--steps", min=1, help="grid step counts (repeatable; default 1, 2, 4)")
+    ] = None,
+    prompts: PromptsOpt = None,
+    per_prompt: Annotated[int, typer.Option("--per-prompt", min=1, help="images per prompt row")] = 4,
+    seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file (default RUN/report/report.html)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """One self-contained HTML page: loss curves, sample grids at 1/2/4 steps, every summary under RUN/eval/."""
+    from apexctl.eval.imagesets import read_prompts
+    from apexctl.eval.report import write_report
+
+    texts = read_prompts(prompts, 8) if prompts is not None else None
+    dest = write_report(
+        run,
+        out=out,
+        samples=not no_samples,
+        steps=steps or [1, 2, 4],
+        prompts=texts,
+        per_prompt=per_prompt,
+        seed=seed,
+        quiet=quiet,
+    )
+    typer.echo(f"report: {dest}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
