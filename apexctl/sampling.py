@@ -48,7 +48,10 @@ def load_sampling_model(recipe: Recipe | None, model: str | None, lora: Path | N
     if lora is not None:
         from apexctl.merge import resolve_lora
 
-        folder, base = resolve_lora(Path(lora), model or (recipe.model.path if recipe is not None else None))
+        base = model or (recipe.model.path if recipe is not None else None)
+        if base is None and not (Path(lora) / "lora").is_dir():
+            raise BadInput(f"--lora {lora}: a LoRA folder without its run needs --model BASE")
+        folder, base = resolve_lora(Path(lora), base)
         backbone = load_for_recipe(recipe.model, base) if recipe is not None else load_backbone(base)
         backbone.load_lora(folder)
         return backbone, f"{base} + LoRA {folder}"

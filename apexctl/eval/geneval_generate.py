@@ -4,7 +4,8 @@
   prompt, so image k of every prompt starts from the same noise there too). Seeds are recorded per image in
   ``NNNNN/seeds.json`` (``{"00000.png": 42, …}``); the run's settings in ``ROOT/generation.json``.
 - Resumable: images already on disk are kept and not regenerated; a rerun with different settings (model, steps,
-  guidance, size, seed, …) is refused rather than mixing two models' images in one folder.
+  guidance, size, seed, …) is refused rather than mixing two models' images in one folder (the settings are
+  recorded once the model has loaded, so a failed first try does not pin them).
 - Batched across prompts (``batch`` images per forward); each PNG and JSON file is written atomically, so an
   interrupted run leaves only whole files.
 """
@@ -25,19 +26,20 @@ GENERATION_FILE = "generation.json"
 SEEDS_FILE = "seeds.json"
 
 
-def _check_settings(root: Path, settings: dict[str, Any]) -> None:
+def _check_settings(root: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings to record; refused if they differ from those of images already in ``root``."""
     path = root / GENERATION_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [k for k in settings if k in old and old[k] != settings[k]]
-        if diff:
-            k = diff[0]
-            raise BadInput(
-                f"{root} was generated with {k}={old[k]!r}, this run asks {k}={settings[k]!r}: "
-                "use another --images folder, or the same settings to resume"
-            )
-        settings = {**old, **settings}
-    write_text(path, json.dumps(settings, indent=1) + "\n")
+    if not path.is_file() or not any(root.glob("[0-9]*/samples/*.png")):
+        return settings  # nothing generated yet (e.g. a first try failed to load the model): no constraint
+    old = json.loads(path.read_text())
+    diff = [k for k in settings if k in old and old[k] != settings[k]]
+    if diff:
+        k = diff[0]
+        raise BadInput(
+            f"{root} was generated with {k}={old[k]!r}, this run asks {k}={settings[k]!r}: "
+            "use another --images folder, or the same settings to resume"
+        )
+    return {**old, **settings}
 
 
 def _prepare_folder(root: Path, index: int, meta: dict[str, Any]) -> None:
@@ -77,7 +79,7 @@ def generate_geneval(
 
     prompts = load_prompts()
     root.mkdir(parents=True, exist_ok=True)
-    _check_settings(root, settings)
+    settings = _check_settings(root, settings)
     for i in selection:
         _prepare_folder(root, i, prompts[i])
     todo = [
@@ -90,6 +92,7 @@ def generate_geneval(
     if not todo:
         return {"generated": 0, "kept": kept}
     backbone = load_backbone()
+    write_text(root / GENERATION_FILE, json.dumps(settings, indent=1) + "\n")  # recorded once the model loaded
     with progress(quiet) as bar:
         task = bar.add_task("geneval", total=len(todo))
         for start in range(0, len(todo), batch):
