@@ -111,21 +111,44 @@ def distill(
         Optional[int],
         typer.Option("--until", min=1, help="stop after this step (checkpointed); continue later with --resume auto"),
     ] = None,
+    launch: Annotated[
+        Optional[int],
+        typer.Option(
+            "--launch",
+            min=1,
+            help="run on N local processes (DDP; re-executes under `accelerate launch`; sets hardware.processes=N)",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Train with the recipe's objective (apex, apex_paper, flow_matching) from the latent cache."""
-    r = _recipe(recipe, set_)
+    if launch is not None and launch > 1 and not dry_run:
+        from apexctl.engine.trainer import check_world
+        from apexctl.launch import relaunch
+
+        r = _recipe(recipe, [*(set_ or []), f"hardware.processes={launch}"])
+        check_world(r, launch)  # a global_batch that cannot hold: exit 2 before any process starts
+        args = [str(recipe), *[a for item in set_ or [] for a in ("--set", item)]]
+        args += ["--resume", resume] if resume else []
+        args += ["--until", str(until)] if until is not None else []
+        args += ["--quiet"] if quiet else []
+        rc = relaunch(launch, args, Path(r.output.dir), echo=lambda m: typer.echo(m, err=True))
+        if rc != 0:
+            raise typer.Exit(rc)
+        return
+    r = _recipe(recipe, [*(set_ or []), f"hardware.processes={launch}"] if launch else set_)
     if dry_run:
         from apexctl.plan import describe_plan
 
         typer.echo(describe_plan(r))
         return
     from apexctl.engine.trainer import train
+    from apexctl.launch import is_rank_zero
 
     run = train(r, resume=resume, until=until, quiet=quiet)
-    typer.echo(
-        f"run {run}: " + ("model saved to " + str(run / "model") if (run / "model").is_dir() else "checkpointed")
-    )
+    if is_rank_zero():
+        done = next((run / d for d in ("model", "lora") if (run / d).is_dir()), None)
+        typer.echo(f"run {run}: " + (f"saved to {done}" if done is not None else "checkpointed"))
 
 
 def _newest_run(root: Path = Path("runs")) -> Path:

@@ -163,7 +163,24 @@ class TrainSpec(_Strict):
         description="with an EMA: model/ holds the EMA weights (ema), the live ones (live), or EMA + model-live/ (both)",
     )
     seed: int = 0
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs bitsandbytes)"
+    )
+    skip_nonfinite: bool = Field(
+        False, description="skip the optimizer step on a NaN/inf loss or gradient instead of stopping the run"
+    )
+    max_consecutive_skips: int = Field(10, gt=0, description="with skip_nonfinite: stop after more skips in a row")
     log_every: int = Field(10, gt=0)
+    log_with: Literal["none", "tensorboard"] = Field(
+        "none", description="also write the metrics as tensorboard events to RUN/tensorboard (needs tensorboard)"
+    )
+    sample_every: int | None = Field(
+        None, gt=0, description="every N steps: 1-step samples of the current model to RUN/samples/step-N.png"
+    )
+    sample_prompts: list[str] | None = Field(
+        None, description="prompts of the sample grids (must be in the cache); null = the cache's first 4 prompts"
+    )
+    sample_images: int = Field(4, gt=0, description="images per prompt in a sample grid (seeds sample.seed + k)")
     checkpoint_every: int = Field(500, gt=0)
     keep_last: int = Field(2, gt=0)
 
@@ -178,7 +195,9 @@ class HardwareSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     processes: int = Field(1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="auto/ddp: replicated weights (DDP when launched on several processes); fsdp: sharded (GPU)"
+    )
     gradient_checkpointing: bool = False
     offload: bool = Field(False, description="CPU offload of parameters under FSDP")
     threads: int | None = Field(None, gt=0, description="torch CPU threads")

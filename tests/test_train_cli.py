@@ -346,3 +346,237 @@ def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spe
         if isinstance(st, dict) and set(st) == {"a", "b"}
     )  # fmt: skip
     assert float(shift["a"]) != -1.0 or float(shift["b"]) != 0.0
+
+
+# ---- training at scale: locks, non-finite skips, kill/resume, DDP (issue 4) -----------------------------------
+def _env(workdir: Path) -> dict:
+    import os
+
+    return {
+        **os.environ,
+        "APEXCTL_HOME": str(workdir / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_run_folder_lock(workdir):
+    """A live writer makes a second run exit 2 with one line; a lock left by a dead pid is taken over with a warning."""
+    import os
+    import socket
+
+    from apexctl.engine.lock import RunLock
+
+    r = _recipe(workdir, "locked", train={"steps": 2})
+    with RunLock(workdir / "locked"):
+        res = runner.invoke(app, ["distill", str(r), "-q"])
+        launched = runner.invoke(app, ["distill", str(r), "--launch", "2", "-q"])  # refused before any launch
+    assert launched.exit_code == 2 and "is in use by another run" in launched.output, launched.output
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "is in use by another run" in line and f"pid {os.getpid()}" in line, res.output
+    assert not (workdir / "locked" / ".lock").exists()  # released on exit
+    stale = {"pid": _dead_pid(), "host": socket.gethostname(), "started": 0}
+    (workdir / "locked" / ".lock").write_text(json.dumps(stale))
+    out = _ok(["distill", str(r), "-q"])
+    assert f"taking over a stale lock left by pid {stale['pid']}" in out and "no longer running" in out
+    assert (workdir / "locked" / "model").is_dir() and not (workdir / "locked" / ".lock").exists()
+    # another host's lock is never guessed about
+    (workdir / "locked" / ".lock").write_text(json.dumps({**stale, "host": "elsewhere"}))
+    res = runner.invoke(app, ["distill", str(r), "-q"])
+    assert res.exit_code == 2 and "another host" in res.output and ".lock" in res.output
+
+
+def test_skip_nonfinite_counts_and_stops_after_a_streak(workdir, monkeypatch):
+    def hook(n, out):
+        if n == 3 or n >= 5:  # one isolated NaN (skipped), then NaN for good
+            out.loss = out.loss * float("nan")
+        return out
+
+    _patched_objective(monkeypatch, hook)
+    train = {"steps": 10, "skip_nonfinite": True, "max_consecutive_skips": 2, "checkpoint_every": 2}
+    r = _recipe(workdir, "skip", train=train)
+    res = runner.invoke(app, ["distill", str(r), "-q"])
+    assert res.exit_code == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "non-finite loss/gradients in 3 consecutive steps" in line and "at step 7" in line, line
+    assert "step-000006" in line  # steps 5 and 6 were skipped (and checkpointed), 7 is the third in a row
+    rows = [json.loads(x) for x in (workdir / "skip" / "metrics.jsonl").read_text().splitlines()]
+    by = {x["step"]: x for x in rows}
+    assert by[2]["skipped"] == 0 and by[3]["skipped"] == 1 and by[3]["grad_norm"] is None
+    assert by[4]["skipped_in_a_row"] == 0 and by[6]["skipped"] == 3 and by[6]["skipped_in_a_row"] == 2
+    # a skipped step leaves the weights alone: step-4's checkpoint != step-2's, step-6's == step-4's weights
+    ck = workdir / "skip" / "checkpoints"
+    w4, w6 = (load_file(str(ck / f"step-00000{s}" / "model.safetensors")) for s in (4, 6))
+    assert all(torch.equal(w4[k], w6[k]) for k in w4)
+
+
+def _wait_for(predicate, proc, timeout: float = 120.0) -> None:
+    import time
+
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.1)
+
+
+def test_sigterm_checkpoints_and_partial_checkpoints_are_ignored(workdir):
+    """SIGTERM to a real process: it finishes the step, checkpoints, exits 0 with a message. A half-written
+    checkpoint (a killed save: step-N.tmp, or a folder without COMPLETE) and a stale lock do not stop
+    --resume auto, which continues from the newest complete one to exactly what an uninterrupted run reaches."""
+    import signal
+    import subprocess
+    import sys
+
+    r = _recipe(workdir, "term", train={"steps": 400, "checkpoint_every": 1000, "keep_last": 10})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apexctl", "distill", str(r), "-q"],
+        env=_env(workdir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = workdir / "term" / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    k = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert f"stopped at step {k} on SIGTERM" in out and "--resume auto" in out
+    ck = workdir / "term" / "checkpoints"
+    assert [p.name for p in ck.iterdir()] == [f"step-{k:06d}"] and (ck / f"step-{k:06d}" / "COMPLETE").is_file()
+    assert not (workdir / "term" / ".lock").exists()
+    # what a SIGKILL during a save leaves behind, and the lock of the killed process
+    (ck / f"step-{k + 1:06d}.tmp").mkdir()
+    (ck / f"step-{k + 1:06d}.tmp" / "model.safetensors").write_bytes(b"partial")
+    (ck / f"step-{k + 2:06d}").mkdir()
+    (workdir / "term" / ".lock").write_text(
+        json.dumps({"pid": _dead_pid(), "host": __import__("socket").gethostname()})
+    )
+    out = _ok(["distill", str(r), "--resume", "auto", "--until", str(k + 3), "-q"])
+    assert f"resumed from {ck / f'step-{k:06d}'} at step {k}" in out and "stale lock" in out
+    # the uninterrupted reference: the same recipe run straight to k + 3, checkpointing every step
+    ref = _recipe(workdir, "term-ref", train={"steps": 400, "checkpoint_every": 1, "keep_last": 100})
+    _ok(["distill", str(ref), "--until", str(k + 3), "-q"])
+    for step in (k, k + 3):
+        a = load_file(str(ck / f"step-{step:06d}" / "model.safetensors"))
+        b = load_file(str(workdir / "term-ref" / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), step
+    rows = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert rows == list(range(1, k + 4))  # no duplicated or missing rows across the stop
+
+
+def _distill_subprocess(workdir: Path, *args: str) -> tuple[str, str]:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "apexctl", "distill", *args, "-q"],
+        env=_env(workdir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout, res.stderr
+
+
+def _sampler_state(ck: Path) -> dict:
+    states = [torch.load(p, weights_only=False) for p in sorted(ck.glob("custom_checkpoint_*.pkl"))]
+    return next(s for s in states if isinstance(s, dict) and {"epoch", "pos"} <= set(s))
+
+
+def test_ddp_two_processes_resume_and_world_size_change(workdir):
+    """`--launch 2` (DDP over gloo on CPU): both ranks hold identical parameters at every checkpoint; resuming a
+    2-process checkpoint on 2 processes gives exactly the uninterrupted 2-process run; resuming it on 1 process
+    with the same global batch continues at the same data position."""
+    train = {"steps": 6, "micro_batch": 4, "checkpoint_every": 3, "keep_last": 5}
+    x = _recipe(workdir, "ddp", train=train)
+    out, err = _distill_subprocess(workdir, str(x), "--launch", "2")
+    assert "launching 2 processes" in err and out.count("saved to") == 1, out  # printed by rank 0 only
+    ck = workdir / "ddp" / "checkpoints"
+    for step in (3, 6):
+        info = json.loads((ck / f"step-{step:06d}" / "COMPLETE").read_text())
+        assert info["world_size"] == 2 and info["global_batch"] == 8
+        assert len(info["param_checksums"]) == 2 and len(set(info["param_checksums"])) == 1
+        assert {p.name for p in (ck / f"step-{step:06d}").glob("random_states_*")} == {
+            "random_states_0.pkl",
+            "random_states_1.pkl",
+        }
+    rows = [json.loads(r) for r in (workdir / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"peak_mem_mb", "peak_mem_mb/rank0", "peak_mem_mb/rank1", "samples_per_s", "loss/fake"} <= set(rows[-1])
+    # exact resume on 2 processes, into another run folder
+    y = _recipe(workdir, "ddp-resumed", train=train)
+    _distill_subprocess(workdir, str(y), "--launch", "2", "--resume", str(ck / "step-000003"))
+    a, b = _weights(workdir / "ddp"), _weights(workdir / "ddp-resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_y = [json.loads(r) for r in (workdir / "ddp-resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows_y] == [r["loss"] for r in rows[3:]]
+    # 2 → 1 process with the same global batch (1 × 8): the data position is world-size independent
+    z = _recipe(workdir, "ddp-to-1", train={**train, "micro_batch": 8})
+    out = _ok(["distill", str(z), "--resume", str(ck / "step-000003")])
+    assert "resumed from" in out and "at step 3" in out
+    zc = workdir / "ddp-to-1" / "checkpoints"
+    assert _sampler_state(zc / "step-000006") == _sampler_state(ck / "step-000006")
+    assert _sampler_state(ck / "step-000006")["pos"] == 6 * 8
+    assert (workdir / "ddp-to-1" / "model").is_dir()
+
+
+def test_sample_grids_do_not_change_training(workdir):
+    """train.sample_every: fixed-seed 1-step grids at RUN/samples/step-N.png, drawn without touching the training
+    RNG (the losses equal the run without grids), identical for identical weights."""
+    from PIL import Image
+
+    prompts = ["a handwritten digit seven", "an even digit"]
+    r = _recipe(workdir, "grids", train={"sample_every": 3, "sample_prompts": prompts, "sample_images": 3})
+    _ok(["distill", str(r), "-q"])
+    assert _losses(workdir / "grids") == _losses(workdir / "full")
+    files = sorted(p.name for p in (workdir / "grids" / "samples").glob("*.png"))
+    assert files == ["step-000003.png", "step-000006.png"]
+    im = Image.open(workdir / "grids" / "samples" / "step-000006.png")
+    assert im.width > 3 * 8 and im.height > 2 * 8
+    bad = _recipe(workdir, "grids-bad", train={"sample_every": 3, "sample_prompts": ["not in the cache"]})
+    res = runner.invoke(app, ["distill", str(bad), "-q"])
+    assert res.exit_code == 2 and "'not in the cache' is not in the cache" in res.output, res.output
+
+
+def test_optional_packages_and_strategy_errors_exit_2(workdir):
+    import importlib.util
+
+    cases = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        cases.append(({"train": {"optimizer": "adamw8bit"}}, "needs bitsandbytes"))
+    if importlib.util.find_spec("tensorboard") is None:
+        cases.append(({"train": {"log_with": "tensorboard"}}, "needs the tensorboard package"))
+    cases.append(({"hardware": {"device": "cpu", "strategy": "fsdp"}}, "needs CUDA devices"))
+    for sections, message in cases:
+        r = _recipe(workdir, "optional", **sections)
+        res = runner.invoke(app, ["distill", str(r), "-q"])
+        assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_dry_run_counts_lora_parameters_on_the_meta_device(workdir):
+    from apexctl.lora import add_lora
+    from apexctl.models import load_backbone
+
+    r = _recipe(workdir, "dry", model={"lora": {"rank": 4, "alpha": 4}})
+    out = _ok(["distill", str(r), "--dry-run"])
+    line = next(x for x in out.splitlines() if x.startswith("params"))
+    bb = load_backbone(TINY)
+    total_base = sum(p.numel() for p in bb.transformer.parameters())
+    add_lora(bb.transformer, rank=4, alpha=4, targets=bb.lora_targets, dropout=0.0, init="default")
+    trainable = sum(p.numel() for p in bb.transformer.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in bb.transformer.parameters())
+    assert total > total_base and f"{total:,} denoiser parameters, {trainable:,} trainable (LoRA r=4" in line
+    assert "memory     per GPU ≈" in out and "adamw states" in out
