@@ -10,9 +10,11 @@ trainer builds ``Accelerator(cpu=True)`` there, so the processes talk over gloo.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from apexctl.errors import BadInput
@@ -64,7 +66,30 @@ def relaunch(n: int, distill_args: list[str], run: Path, *, echo=print) -> int:
     echo(f"launching {n} processes: accelerate launch {' '.join(cmd[3:])}")
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return subprocess.run(cmd, env=env).returncode
+    proc = subprocess.Popen(cmd, env=env)
+    signalled: list[float] = []
+
+    def forward(signum, _frame) -> None:
+        signalled.append(time.time())
+        proc.send_signal(signum)
+
+    # SIGINT/SIGTERM to this process go to the launcher, which passes them on to every rank: they checkpoint and stop
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if rc != 0 and signalled:
+        # torch's launcher exits 1 after passing a signal on, even when every rank stopped cleanly: the ranks'
+        # checkpoint, written after the signal, is what says whether they did
+        from apexctl.engine import checkpoint as ckpt
+
+        latest = ckpt.latest_checkpoint(run)
+        if latest is not None and (latest[1] / ckpt.COMPLETE).stat().st_mtime >= signalled[0]:
+            echo(f"stopped on request; checkpoint {latest[1]}; continue with --resume auto")
+            return 0
+    return rc
 
 
 def is_rank_zero() -> bool:
