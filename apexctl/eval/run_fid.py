@@ -38,6 +38,7 @@ def run_eval_fid(
     from rich.console import Console
     from rich.table import Table
 
+    from apexctl.eval import inception as inception_mod
     from apexctl.eval.fid import fid_between
     from apexctl.eval.imagesets import list_images, read_prompts
     from apexctl.eval.inception import load_fid_inception, sha256_file
@@ -81,7 +82,8 @@ def run_eval_fid(
         "reference": {**ref_info, "n": len(ref_files)},
         "prompts": None if prompts_file is None else {"file": str(prompts_file), "n": len(prompts), "seed": seed},
         "inception": {"path": str(inception), "sha256": sha256_file(Path(inception))},
-        "features": "FID Inception-v3 pool3, 2048-d; bilinear antialiased resize to 299, (x - 128) / 128",
+        "features": f"FID Inception-v3 pool3, 2048-d; bilinear antialiased resize to {inception_mod.INPUT_SIZE}, "
+        "(x - 128) / 128",
         "torchmetrics": torchmetrics.__version__,
         "seconds": round(time.perf_counter() - t0, 2),
     }
