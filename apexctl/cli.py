@@ -458,32 +458,6 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="first seed; image k of a p
 BatchOpt = Annotated[int, typer.Option("--batch", min=1, help="images per generation / feature batch")]
 
 
-RunArg = Annotated[
-    Optional[Path], typer.Argument(help="a run folder (output.dir): its student/teacher and where eval/ is written")
-]
-PromptsOpt = Annotated[
-    Optional[Path],
-    typer.Option("--prompts", help="prompt list: .txt (one per line), .jsonl, or .json (MJHQ-30K meta_data.json)"),
-]
-NumOpt = Annotated[Optional[int], typer.Option("--num", min=1, help="use only the first N prompts")]
-PerPromptOpt = Annotated[int, typer.Option("--per-prompt", min=1, help="images per prompt (seeds seed+k)")]
-StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="student sampling steps")]
-TeacherStepsOpt = Annotated[
-    Optional[int],
-    typer.Option("--teacher-steps", min=1, help="teacher Euler steps (default: data.synthesize.steps, else 50)"),
-]
-TeacherGuidanceOpt = Annotated[
-    Optional[float],
-    typer.Option(
-        "--teacher-guidance",
-        min=1.0,
-        help="teacher CFG (default: data.synthesize.guidance, else the teacher run's sample.guidance)",
-    ),
-]
-SeedOpt = Annotated[int, typer.Option("--seed", help="first seed; image k of a prompt uses seed + k")]
-BatchOpt = Annotated[int, typer.Option("--batch", min=1, help="images per generation / feature batch")]
-
-
 @eval_app.command("fid")
 @handle_errors
 def eval_fid(
