@@ -126,32 +126,22 @@ def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str |
     """``<pipeline_class>.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives) plus
     ``apexctl_lora.json`` naming the family, written to a temporary sibling folder and renamed; an all-zero adapter
     is refused."""
-    import shutil
-    import tempfile
-
     import diffusers
 
-    from apexctl.atomic import replace_dir
+    from apexctl.atomic import atomic_dir
     from apexctl.models.base import quiet_hub_progress
 
     state = adapter_state(transformer)
     check_not_zero(state)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        with quiet_hub_progress():
-            getattr(diffusers, pipeline_class).save_lora_weights(
-                tmp,
-                transformer_lora_layers=state,
-                weight_name=WEIGHT_NAME,
-                transformer_lora_adapter_metadata=adapter_metadata(transformer),
-            )
+    with atomic_dir(dest) as tmp, quiet_hub_progress():
+        getattr(diffusers, pipeline_class).save_lora_weights(
+            tmp,
+            transformer_lora_layers=state,
+            weight_name=WEIGHT_NAME,
+            transformer_lora_adapter_metadata=adapter_metadata(transformer),
+        )
         (tmp / LORA_MARKER).write_text(json.dumps({"family": family, "pipeline": pipeline_class}))
-        replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

@@ -113,6 +113,8 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         times = []
+        calls = [0]
+        hook = bb.transformer.register_forward_hook(lambda *_, n=calls: n.__setitem__(0, n[0] + 1))
         for i in range(args.warmup + args.steps):
             t = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -127,15 +129,22 @@ def main() -> None:
                 raise SystemExit(f"{objective}: non-finite loss at step {i}")
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
+        hook.remove()
         step_s = statistics.median(times)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        results[objective] = {"s_per_step": step_s, "samples_per_s": mb / step_s, "peak_mem_gib": peak}
+        results[objective] = {
+            "s_per_step": step_s,
+            "samples_per_s": mb / step_s,
+            "peak_mem_gib": peak,
+            "forwards_per_step": calls[0] / (args.warmup + args.steps),
+        }
         del opt
     fm, ax = results["flow_matching"], results["apex"]
     ratios = {"step_time": ax["s_per_step"] / fm["s_per_step"], "peak_mem": ax["peak_mem_gib"] / fm["peak_mem_gib"]}
-    print(f"{'objective':<14} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9}")
+    print(f"{'objective':<14} {'s/step':>8} {'samples/s':>10} {'peak GiB':>9} {'forwards':>9}")
     for k, v in results.items():
-        print(f"{k:<14} {v['s_per_step']:>8.3f} {v['samples_per_s']:>10.2f} {v['peak_mem_gib']:>9.1f}")
+        print(f"{k:<14} {v['s_per_step']:>8.3f} {v['samples_per_s']:>10.2f} {v['peak_mem_gib']:>9.1f} "
+              f"{v['forwards_per_step']:>9.0f}")  # fmt: skip
     print(f"apex / flow_matching: step time {ratios['step_time']:.2f}x, peak memory {ratios['peak_mem']:.2f}x")
     if args.out:
         summary = {
