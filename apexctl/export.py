@@ -64,7 +64,7 @@ def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema"
     """Rebuild the trained denoiser of ``run`` at a checkpoint (live or EMA weights) and write its export."""
     from safetensors.torch import load_file
 
-    from apexctl.lora import add_lora
+    from apexctl.lora import make_trainable
     from apexctl.models import load_for_recipe, resolve_model_path
     from apexctl.recipe import load_recipe
 
@@ -77,19 +77,9 @@ def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema"
     step, folder = find_checkpoint(run, which)
     model_dir = resolve_model_path(recipe.model.path)
     backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
+    make_trainable(backbone, recipe.model.lora)  # as trained: the same parameters, the same dtypes
     transformer = backbone.transformer
     lora = recipe.model.lora
-    if lora is not None:
-        add_lora(
-            transformer,
-            rank=lora.rank,
-            alpha=lora.alpha,
-            targets=lora.targets or backbone.lora_targets,
-            dropout=lora.dropout,
-            init=lora.init,
-        )
-    else:
-        transformer.float().requires_grad_(True)  # as trained: fp32 weights, all trainable
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = transformer.load_state_dict(state, strict=False)
     if missing or unexpected:

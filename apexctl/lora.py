@@ -46,6 +46,23 @@ def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[s
             p.requires_grad_(True)
 
 
+def make_trainable(backbone, lora) -> None:
+    """The trained parameters of a recipe (``lora`` = its ``model.lora``): a fresh fp32 adapter on the frozen base,
+    which stays in its dtype; or, without LoRA, every denoiser weight in fp32 (master weights; autocast gives bf16
+    compute on GPU). Training, exports from checkpoints and the FSDP gather all rebuild the model this one way."""
+    if lora is None:
+        backbone.transformer.float().requires_grad_(True)
+        return
+    add_lora(
+        backbone.transformer,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        targets=lora.targets or backbone.lora_targets,
+        dropout=lora.dropout,
+        init=lora.init,
+    )
+
+
 @contextmanager
 def adapters_disabled(transformer: nn.Module) -> Iterator[None]:
     """The base model: adapters off within the block (a flag, no weights touched)."""

@@ -69,7 +69,7 @@ def main() -> None:
     from apexctl.engine.objectives import Net
     from apexctl.engine.shift import ConditionShift
     from apexctl.engine.trainer import build_objective
-    from apexctl.lora import add_lora
+    from apexctl.lora import make_trainable
     from apexctl.models.base import Cond
     from apexctl.recipe import load_recipe
 
@@ -81,8 +81,7 @@ def main() -> None:
     bb, tcfg = build_backbone(args.tiny, device, dtype)
     recipe = load_recipe(args.recipe)
     lora = recipe.model.lora
-    add_lora(bb.transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets or bb.lora_targets,
-             dropout=lora.dropout, init=lora.init)  # fmt: skip
+    make_trainable(bb, lora)
     bb.transformer.enable_gradient_checkpointing()
     bb.transformer.train()
     trainable = [p for p in bb.transformer.parameters() if p.requires_grad]

@@ -48,7 +48,7 @@ from apexctl.engine.objectives import (
 from apexctl.engine.shift import ConditionShift
 from apexctl.errors import ApexError, BadInput
 from apexctl.export import write_export
-from apexctl.lora import adapters_disabled, add_lora, check_lora_formats
+from apexctl.lora import adapters_disabled, check_lora_formats, make_trainable
 from apexctl.recipe import Recipe, TimeSpec
 
 
@@ -348,18 +348,9 @@ def setup(recipe: Recipe, acc) -> Session:
 
     lora = recipe.model.lora
     transformer = backbone.transformer
-    if lora is not None:  # frozen base in its dtype, fp32 adapter
+    if lora is not None:
         check_lora_formats(backbone, recipe.output.lora_formats)
-        add_lora(
-            transformer,
-            rank=lora.rank,
-            alpha=lora.alpha,
-            targets=lora.targets or backbone.lora_targets,
-            dropout=lora.dropout,
-            init=lora.init,
-        )
-    else:
-        transformer.float().requires_grad_(True)  # fp32 master weights; autocast gives bf16 compute on GPU
+    make_trainable(backbone, lora)
     transformer.train()
     if hw.gradient_checkpointing:
         if not hasattr(transformer, "enable_gradient_checkpointing"):
@@ -782,12 +773,7 @@ def _gathered_backbone(sess: Session):
         return None
     recipe = sess.recipe
     bb = load_for_recipe(recipe.model, sess.model_dir, load_text_encoder=False, load_codec=False)
-    lora = recipe.model.lora
-    if lora is not None:
-        add_lora(bb.transformer, rank=lora.rank, alpha=lora.alpha, targets=lora.targets or bb.lora_targets,
-                 dropout=lora.dropout, init=lora.init)  # fmt: skip
-    else:
-        bb.transformer.float()
+    make_trainable(bb, recipe.model.lora)
     bb.transformer.load_state_dict(state, strict=True)
     return bb
 
