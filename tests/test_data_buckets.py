@@ -101,3 +101,16 @@ def test_bucketed_cache_trains_on_one_bucket_per_batch(tmp_path, monkeypatch):
     ok(["distill", r, "-q"])
     assert len(seen) == 4 and all(len(b) == 1 for b in seen)
     assert [x["step"] for x in metrics(tmp_path / "run-bk")] == [1, 2, 3, 4]
+
+
+def test_a_bucket_the_model_cannot_take_exits_2_before_encoding(tmp_path):
+    from typer.testing import CliRunner
+
+    from apexctl.cli import app
+
+    folder = write_folder(tmp_path / "f", [("0.png", 64, 64, "a picture")])
+    data = {"source": "folder", "path": str(folder), "buckets": [[32, 32], [30, 30]]}
+    r = recipe(tmp_path, "bad", data=data)
+    res = CliRunner().invoke(app, ["prepare", str(r), "-q"])
+    assert res.exit_code == 2 and "data.buckets: [30, 30] does not fit qwen_image" in res.output
+    assert not (tmp_path / "cache-bad").exists()

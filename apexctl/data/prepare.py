@@ -182,7 +182,7 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
             report.skip(index, key, reason)
     items = filter_captions(items, backbone, d.max_caption_tokens, report)
     prompts = sorted({c for it in items for c in it.captions} | set(source.extra_prompts) | {""})
-    buckets = _buckets(d)
+    buckets = _buckets(d, backbone)
     plan = {
         "version": CACHE_VERSION,
         "identity": identity,
@@ -233,10 +233,19 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
     return root
 
 
-def _buckets(d: DataSpec) -> list[tuple[int, int]]:
+def _buckets(d: DataSpec, backbone) -> list[tuple[int, int]]:
+    """The recipe's buckets (or the square resolution), each checked against the model's size factor now, not at
+    the first training step."""
     from apexctl.data.buckets import bucket_list
 
-    return bucket_list(d.resolution, d.buckets)
+    buckets = bucket_list(d.resolution, d.buckets)
+    for w, h in buckets:
+        try:
+            backbone.latent_shape(h, w)
+        except BadInput as exc:
+            key = "data.buckets" if d.buckets else "data.resolution"
+            raise BadInput(f"{key}: [{w}, {h}] does not fit {backbone.family}: {exc}") from None
+    return buckets
 
 
 def _chunks(n: int, size: int) -> list[range]:
