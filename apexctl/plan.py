@@ -132,7 +132,10 @@ def memory_lines(r: Recipe) -> list[str]:
     """
     found = _transformer_config(r)
     if found is None:
-        return ["memory    (no local model config: estimate skipped; give a local folder or model.family)"]
+        return [
+            "memory    (no model config on disk for this hub id: estimate skipped; point model.path at a local folder,"
+            " or name model.family where apexctl ships the published config: qwen_image)"
+        ]
     config, folder, source = found
     lora = r.model.lora
     family = _family(r, folder)
@@ -162,7 +165,9 @@ def memory_lines(r: Recipe) -> list[str]:
     acts = t.micro_batch * branches * tokens * hidden * blocks * act_bytes * k
     what = f"LoRA r={lora.rank}" if lora is not None else "full fine-tune"
     lines = [
-        f"params     {total:,} denoiser parameters, {trainable:,} trainable ({what}; {source}, meta device)",
+        f"params     {total:,} denoiser parameters"
+        + (f" (base {frozen:,} + adapter {trainable:,})" if lora is not None else "")
+        + f", {trainable:,} trainable ({what}; {source}, meta device)",
         f"memory     per GPU ≈ {(state + acts) / _GIB:.2f} GiB: weights {weights / shards / _GIB:.2f} + grads "
         f"{grads / shards / _GIB:.2f} + {t.optimizer} states {adam / shards / _GIB:.2f} + EMA {ema / shards / _GIB:.2f}"
         + (f" (FSDP: /{shards})" if shards > 1 else "")

@@ -578,5 +578,7 @@ def test_dry_run_counts_lora_parameters_on_the_meta_device(workdir):
     add_lora(bb.transformer, rank=4, alpha=4, targets=bb.lora_targets, dropout=0.0, init="default")
     trainable = sum(p.numel() for p in bb.transformer.parameters() if p.requires_grad)
     total = sum(p.numel() for p in bb.transformer.parameters())
-    assert total > total_base and f"{total:,} denoiser parameters, {trainable:,} trainable (LoRA r=4" in line
+    assert total > total_base and total - total_base == trainable
+    assert f"{total:,} denoiser parameters (base {total_base:,} + adapter {trainable:,}), " in line
+    assert f"{trainable:,} trainable (LoRA r=4" in line
     assert "memory     per GPU ≈" in out and "adamw states" in out
