@@ -12,6 +12,7 @@ Hugging Face imagefolder ``metadata.jsonl`` (``{"file_name", "text" | "prompt" |
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,17 @@ def _prompt_of(item: object, where: str) -> str:
     raise BadInput(f"{where}: expected a string or an object with one of {list(PROMPT_KEYS)}")
 
 
+def _jsonl(text: str, where: str) -> Iterator[tuple[str, object]]:
+    """(``where:line``, parsed object) for every non-blank line; a line that is not JSON is an error."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{where}:{n}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{where}:{n}: not JSON ({exc.msg})") from None
+
+
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     """The prompts in ``path`` (see the module docstring), at most ``limit`` of them, in file order."""
     path = Path(path)
@@ -41,15 +53,7 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
         raise BadInput(f"--prompts {path}: no such file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"--prompts {path}:{n}: not JSON ({exc.msg})") from None
-            prompts.append(_prompt_of(item, f"--prompts {path}:{n}"))
+        prompts = [_prompt_of(item, where) for where, item in _jsonl(text, f"--prompts {path}")]
     elif path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -106,19 +110,13 @@ def image_prompts(folder: Path, option: str = "--images") -> list[tuple[Path, st
         if not index.is_file():
             continue
         pairs = []
-        for n, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"{index}:{n}: not JSON ({exc.msg})") from None
+        for where, row in _jsonl(index.read_text(encoding="utf-8"), str(index)):
             if not isinstance(row, dict) or not isinstance(row.get(file_key), str):
-                raise BadInput(f"{index}:{n}: expected an object with {file_key!r}")
+                raise BadInput(f"{where}: expected an object with {file_key!r}")
             path = folder / row[file_key]
             if not path.is_file():
-                raise BadInput(f"{index}:{n}: {path} does not exist")
-            pairs.append((path, _prompt_of(row, f"{index}:{n}")))
+                raise BadInput(f"{where}: {path} does not exist")
+            pairs.append((path, _prompt_of(row, where)))
         if not pairs:
             raise BadInput(f"{index}: lists no images")
         return pairs
