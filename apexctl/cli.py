@@ -116,7 +116,8 @@ def distill(
         typer.Option(
             "--launch",
             min=1,
-            help="run on N local processes (DDP; re-executes under `accelerate launch`; sets hardware.processes=N)",
+            help="run on N local processes (DDP, or FSDP per hardware.strategy; re-executes under `accelerate launch`; "
+            "sets hardware.processes=N)",
         ),
     ] = None,
     quiet: QuietOpt = False,

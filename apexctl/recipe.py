@@ -196,7 +196,9 @@ class HardwareSpec(_Strict):
     processes: int = Field(1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="auto/ddp: replicated weights (DDP when launched on several processes); fsdp: sharded (GPU)"
+        "auto",
+        description="auto/ddp: replicated weights (DDP when launched on several processes); "
+        "fsdp: sharded (torch FSDP2, 2+ processes)",
     )
     gradient_checkpointing: bool = False
     offload: bool = Field(False, description="CPU offload of parameters under FSDP")

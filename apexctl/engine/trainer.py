@@ -177,27 +177,18 @@ def make_accelerator(recipe: Recipe):
     use_cpu = hw.device == "cpu" or (hw.device == "auto" and not torch.cuda.is_available())
     if hw.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("hardware.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    if hw.strategy == "fsdp" and use_cpu:
-        raise BadInput(
-            "hardware.strategy = 'fsdp' needs CUDA devices (accelerate's FSDP does not run on CPU; it would silently "
-            "fall back to DDP); use strategy 'ddp' or 'auto' on CPU"
-        )
     if hw.strategy == "fsdp" and (recipe.train.ema_decay is not None or recipe.method.reference == "ema"):
         raise BadInput(
             "hardware.strategy = 'fsdp' does not support an EMA yet (train.ema_decay / method.reference = 'ema': "
             "the shadow would be sharded); use strategy 'ddp', or drop the EMA"
         )
     precision = hw.precision if hw.precision != "auto" else ("fp32" if use_cpu else "bf16")
-    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    fsdp_plugin = None
-    if hw.strategy == "fsdp":
-        from accelerate import FullyShardedDataParallelPlugin
-
-        fsdp_plugin = FullyShardedDataParallelPlugin(
-            cpu_offload=hw.offload,
-            state_dict_type="FULL_STATE_DICT",  # checkpoints and exports hold whole tensors (gathered to rank 0)
-            use_orig_params=True,  # frozen LoRA base and trainable adapters in one wrapped module
+    if hw.strategy == "fsdp" and precision == "fp16":
+        raise BadInput(
+            "hardware.strategy = 'fsdp' does not support precision 'fp16' (no loss scaling on the sharded "
+            "optimizer); use 'bf16' or 'fp32'"
         )
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     # accelerate keeps precision/plugins in a process-wide singleton; a second training in the same process
     # (notebooks, the test suite) with other settings would be refused. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -206,8 +197,7 @@ def make_accelerator(recipe: Recipe):
         cpu=use_cpu,
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         kwargs_handlers=kwargs,
-        fsdp_plugin=fsdp_plugin,
-    )
+    )  # fsdp: no accelerate plugin (it is ignored on CPU); setup() shards the denoiser with torch FSDP2 itself
 
 
 def check_world(recipe: Recipe, world: int) -> int:
@@ -218,6 +208,11 @@ def check_world(recipe: Recipe, world: int) -> int:
             f"hardware.processes = {hw.processes} but this run has {world} process(es); launch with "
             f"`apexctl distill RECIPE --launch {hw.processes}` (or `accelerate launch --num_processes "
             f"{hw.processes} -m apexctl distill RECIPE`) or set hardware.processes={world}"
+        )
+    if hw.strategy == "fsdp" and world < 2:
+        raise BadInput(
+            "hardware.strategy = 'fsdp' shards the model over several processes: launch 2 or more "
+            "(`apexctl distill RECIPE --launch N`), or use strategy 'auto' on one process"
         )
     global_batch = tr.micro_batch * tr.grad_accum * world
     if tr.global_batch is not None and tr.global_batch != global_batch:
@@ -367,6 +362,13 @@ def setup(recipe: Recipe, acc) -> Session:
         site=s.site,
         dim=(backbone.condition_dim() if s.site == "projection" else backbone.embed_dim) if s.mode == "diag" else None,
     )
+    fsdp = hw.strategy == "fsdp"
+    if fsdp:  # shard before the optimizer exists: it steps the sharded (DTensor) parameters
+        from apexctl.engine import fsdp as fsdp_mod
+
+        backbone.to(acc.device)
+        mp = {"bf16": torch.bfloat16}.get(acc.mixed_precision) if acc.device.type == "cuda" else None
+        fsdp_mod.shard(transformer, mixed_precision=mp, offload=hw.offload)
     named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": params, "lr": tr.lr}]
@@ -377,10 +379,14 @@ def setup(recipe: Recipe, acc) -> Session:
         opt,
         partial(lr_lambda, warmup=tr.warmup_steps, total=tr.steps, schedule=tr.lr_schedule, min_ratio=tr.lr_min_ratio),
     )
-    wrapped, opt = acc.prepare(transformer, opt)
-    backbone.set_forward_module(wrapped)
-    shift.to(acc.device)
-    backbone.to(acc.device)
+    if fsdp:  # not through acc.prepare (it would wrap the model in DDP); checkpoints go through fsdp.OptimizerState
+        wrapped = transformer
+        shift.to(acc.device)
+    else:
+        wrapped, opt = acc.prepare(transformer, opt)
+        backbone.set_forward_module(wrapped)
+        shift.to(acc.device)
+        backbone.to(acc.device)
 
     ema_decay = tr.ema_decay if tr.ema_decay is not None else (0.99 if m.reference == "ema" else None)
     ema = EMA(named, ema_decay) if ema_decay is not None else None
@@ -393,6 +399,9 @@ def setup(recipe: Recipe, acc) -> Session:
     counter = StepCounter()
     for obj in (sched, sampler, counter, shift) + ((ema,) if ema is not None else ()):
         acc.register_for_checkpointing(obj)
+    if fsdp:  # the optimizer state, gathered; the weights go to model.safetensors in save_checkpoint
+        holder = torch.nn.ModuleDict({"transformer": transformer, "shift": shift})
+        acc.register_for_checkpointing(fsdp_mod.OptimizerState(holder, opt))
     sess = Session(
         recipe=recipe,
         acc=acc,
@@ -437,6 +446,10 @@ def resume_from(sess: Session, resume: str | None) -> None:
         found = (0, p)
     if found is not None:
         acc.load_state(str(found[1]))
+        if sess.recipe.hardware.strategy == "fsdp":  # the weights: every rank reads the full file, keeps its shards
+            from apexctl.engine import fsdp
+
+            fsdp.load_model(sess.transformer, found[1] / "model.safetensors")
         acc.print(f"resumed from {found[1]} at step {sess.counter.step}")
     elif acc.is_main_process:
         acc.print("--resume auto: no complete checkpoint yet, starting from step 0")
@@ -475,6 +488,10 @@ def save_checkpoint(sess: Session, step: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG state
+    if sess.recipe.hardware.strategy == "fsdp":  # gathered on every rank, written by rank 0 (the DDP file layout)
+        from apexctl.engine import fsdp
+
+        fsdp.save_model(sess.transformer, tmp / "model.safetensors", acc.is_main_process)
     acc.wait_for_everyone()
     if acc.is_main_process:
         info = {"step": step, "world_size": acc.num_processes, "global_batch": sess.global_batch}
@@ -526,6 +543,7 @@ def train_step(sess: Session) -> StepOut:
     acc, tr = sess.acc, sess.recipe.train
     world, rank, mb = sess.world, sess.rank, tr.micro_batch
     cache, empty = sess.cache, sess.empty
+    fsdp = sess.recipe.hardware.strategy == "fsdp"
     t0 = time.perf_counter()
     terms_sum: dict[str, float] = {}
     loss_sum = 0.0
@@ -535,7 +553,9 @@ def train_step(sess: Session) -> StepOut:
         x, cond = cache.batch(idx, drop, empty)
         x, cond = x.to(acc.device), cond.to(acc.device)
         sync = micro == tr.grad_accum - 1
-        with nullcontext() if sync else acc.no_sync(sess.wrapped), acc.autocast():
+        if fsdp:  # FSDP2's no_sync: accumulate unsharded gradients, reduce-scatter on the last micro-batch
+            sess.wrapped.set_requires_gradient_sync(sync)
+        with nullcontext() if sync or fsdp else acc.no_sync(sess.wrapped), acc.autocast():
             extra = {"uncond": cache.cond(torch.full((len(x),), empty)).to(acc.device)} if sess.guided_ref else {}
             out: LossOut = sess.objective(sess.net, x, cond, **extra)
             acc.backward(out.loss / tr.grad_accum)
@@ -557,7 +577,7 @@ def train_step(sess: Session) -> StepOut:
     trainable = sess.trainable
     gnorm = float("nan")
     if finite:
-        if sess.recipe.hardware.strategy == "fsdp":
+        if fsdp:
             gnorm = _clip_sharded(sess, tr.max_grad_norm)
         elif tr.max_grad_norm is not None:
             gnorm = float(acc.clip_grad_norm_(trainable, tr.max_grad_norm))
@@ -592,7 +612,8 @@ def _clip_sharded(sess: Session, max_norm: float | None) -> float:
     (summed over ranks) and a replicated copy of the shift's (counted once)."""
     acc = sess.acc
     local = sum(
-        (p.grad.float().pow(2).sum() for p in sess.params if p.grad is not None), torch.zeros((), device=acc.device)
+        (_local(p.grad).float().pow(2).sum().to(acc.device) for p in sess.params if p.grad is not None),
+        torch.zeros((), device=acc.device),
     )
     total = acc.reduce(local.reshape(1), reduction="sum")[0]
     if sess.shift.learnable:
@@ -604,6 +625,11 @@ def _clip_sharded(sess: Session, max_norm: float | None) -> float:
             if p.grad is not None:
                 p.grad.mul_(coef)
     return norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 gradients); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -764,11 +790,12 @@ def export(sess: Session) -> None:
 
 
 def _gathered_backbone(sess: Session):
-    """FSDP: the full state dict gathered to rank 0 (accelerate, FULL_STATE_DICT) and loaded into a fresh CPU copy
-    of the denoiser (plus the LoRA), which the export then writes. Other ranks return None. Not run here (no GPU)."""
+    """FSDP: the full state dict gathered to rank 0 (torch's full_state_dict, CPU) and loaded into a fresh CPU copy
+    of the denoiser (plus the LoRA), which the export then writes. Other ranks return None."""
+    from apexctl.engine import fsdp
     from apexctl.models import load_for_recipe
 
-    state = sess.acc.get_state_dict(sess.wrapped)
+    state = fsdp.full_model_state(sess.transformer)
     if not sess.main:
         return None
     recipe = sess.recipe
