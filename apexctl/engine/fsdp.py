@@ -54,10 +54,10 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Every rank passes the same full state dict; each keeps its shards."""
+    """Rank 0 passes the full state dict, the other ranks ``{}``: rank 0 broadcasts, each rank keeps its shards."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, state, options=_options(full_state_dict=True, strict=True))
+    set_model_state_dict(model, state, options=_options(full_state_dict=True, broadcast_from_rank0=True, strict=True))
 
 
 def save_model(model: nn.Module, path: Path, main: bool) -> None:
@@ -69,10 +69,11 @@ def save_model(model: nn.Module, path: Path, main: bool) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
-def load_model(model: nn.Module, path: Path) -> None:
+def load_model(model: nn.Module, path: Path, main: bool) -> None:
+    """The weights of ``model.safetensors``: read by rank 0 only (host memory for one full copy, not one per rank)."""
     from safetensors.torch import load_file
 
-    load_full_model_state(model, load_file(str(path)))
+    load_full_model_state(model, load_file(str(path)) if main else {})
 
 
 class OptimizerState:

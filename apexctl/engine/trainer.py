@@ -366,9 +366,13 @@ def setup(recipe: Recipe, acc) -> Session:
     if fsdp:  # shard before the optimizer exists: it steps the sharded (DTensor) parameters
         from apexctl.engine import fsdp as fsdp_mod
 
-        backbone.to(acc.device)
         mp = {"bf16": torch.bfloat16}.get(acc.mixed_precision) if acc.device.type == "cuda" else None
+        # sharding moves each block's shards to the device (or keeps them on the CPU with hardware.offload): the
+        # whole denoiser is never on one device; the rest of the backbone (e.g. the codec on rank 0) moves after
         fsdp_mod.shard(transformer, mixed_precision=mp, offload=hw.offload)
+        for child in backbone.children():
+            if child is not transformer:
+                child.to(acc.device)
     named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups = [{"params": params, "lr": tr.lr}]
@@ -449,7 +453,7 @@ def resume_from(sess: Session, resume: str | None) -> None:
         if sess.recipe.hardware.strategy == "fsdp":  # the weights: every rank reads the full file, keeps its shards
             from apexctl.engine import fsdp
 
-            fsdp.load_model(sess.transformer, found[1] / "model.safetensors")
+            fsdp.load_model(sess.transformer, found[1] / "model.safetensors", acc.is_main_process)
         acc.print(f"resumed from {found[1]} at step {sess.counter.step}")
     elif acc.is_main_process:
         acc.print("--resume auto: no complete checkpoint yet, starting from step 0")
