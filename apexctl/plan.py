@@ -15,26 +15,6 @@ _EQUATIONS = {
 }
 
 
-def count_parameters(model_dir: Path) -> int | None:
-    """Parameters of the denoiser from its config alone (meta device: no weights read)."""
-    cfg = model_dir / "transformer" / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        import diffusers
-        from accelerate import init_empty_weights
-
-        config = json.loads(cfg.read_text())
-        cls = getattr(diffusers, config.get("_class_name", ""), None)
-        if cls is None:
-            return None
-        with init_empty_weights():
-            model = cls.from_config(config)
-        return sum(p.numel() for p in model.parameters())
-    except Exception:  # an estimate only; never fail a dry run on it
-        return None
-
-
 _GIB = 2**30
 
 
