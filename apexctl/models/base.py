@@ -77,6 +77,17 @@ def load_component(path: str, sub: str, fn):
         raise BadInput(f"{path}: cannot load {sub}/ ({one_line(e)})") from None
 
 
+def load_tokenizer(path: str, sub: str, fn, min_tokens: int):
+    """``load_component`` for a tokenizer, refusing an empty one: transformers 5 offline returns an empty tokenizer
+    for an uncached hub id instead of raising."""
+    from apexctl.errors import BadInput
+
+    tok = load_component(path, sub, fn)
+    if len(tok) <= min_tokens:
+        raise BadInput(f"{path}: {sub}/ loaded empty ({len(tok)} tokens): not a local folder or cached hub model")
+    return tok
+
+
 @dataclass
 class Cond:
     """Encoded prompts. ``embeds [B, L, D]``, ``mask [B, L]`` (1 = token, 0 = padding), optional ``pooled [B, P]``.
@@ -275,6 +286,17 @@ class Backbone(ABC, nn.Module):
         from apexctl.lora import load_diffusers_lora
 
         load_diffusers_lora(self.transformer, path, self.family)
+
+    def _finish_init(self, codec: nn.Module | None, codec_config: dict | None) -> None:
+        """Shared tail of every adapter's ``__init__``: ``codec_config`` taken from ``codec`` when not given (it lets
+        ``latent_shape`` work without the codec loaded), and the frozen components put in eval mode."""
+        if codec_config is None:
+            if codec is None:
+                raise ValueError("codec_config is required when no codec is given")
+            codec_config = codec.config() if isinstance(codec, PixelCodec) else dict(codec.config)
+        self.codec_config = dict(codec_config)
+        for frozen in self._frozen():
+            frozen.requires_grad_(False).eval()
 
     def _frozen(self) -> list[nn.Module]:
         """The frozen components (text encoders, codec) that stay in eval mode; the default covers the usual two."""

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component
+from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component, load_tokenizer
 
 #: model_index.json entries (the layout of the hub FLUX.1-schnell / FLUX.1-dev repositories)
 _COMPONENTS = {
@@ -116,13 +116,7 @@ class FluxBackbone(ScaledKLCodec, Backbone):
         self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.embedded_guidance = float(embedded_guidance)
-        if codec_config is None:
-            if codec is None:
-                raise ValueError("codec_config is required when no codec is given")
-            codec_config = dict(codec.config)
-        self.codec_config = dict(codec_config)
-        for frozen in self._frozen():
-            frozen.requires_grad_(False).eval()
+        self._finish_init(codec, codec_config)
 
     def _frozen(self) -> list[nn.Module]:
         return [m for m in (self.text_encoder, self.text_encoder_2, self.codec) if m is not None]
@@ -170,17 +164,15 @@ class FluxBackbone(ScaledKLCodec, Backbone):
             text["text_encoder_2"] = load(
                 "text_encoder_2", lambda: T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
             )
-            text["tokenizer"] = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"))
-            text["tokenizer_2"] = load(
-                "tokenizer_2", lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
+            text["tokenizer"] = load_tokenizer(
+                path, "tokenizer", lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=10
             )
-            for sub in _TOKENIZERS:
-                tok = text[sub]
-                # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
-                if len(tok) <= 10:
-                    raise BadInput(
-                        f"{path}: {sub}/ loaded empty ({len(tok)} tokens): not a local folder or cached hub model"
-                    )
+            text["tokenizer_2"] = load_tokenizer(
+                path,
+                "tokenizer_2",
+                lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"),
+                min_tokens=10,
+            )
 
         codec = None
         if load_codec:

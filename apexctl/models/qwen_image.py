@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, PixelCodec, load_component, write_json
+from apexctl.models.base import Backbone, Cond, PixelCodec, load_component, load_tokenizer, write_json
 
 _COMPONENTS = {
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
@@ -92,14 +92,7 @@ class QwenImageBackbone(Backbone):
         self.codec = codec
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        if codec_config is None:
-            if codec is None:
-                raise ValueError("codec_config is required when no codec is given")
-            codec_config = codec.config() if isinstance(codec, PixelCodec) else dict(codec.config)
-        self.codec_config = dict(codec_config)
-        for frozen in (text_encoder, codec):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
+        self._finish_init(codec, codec_config)
 
     # -- loading / saving ---------------------------------------------------------------------------------------
     @classmethod
@@ -136,12 +129,9 @@ class QwenImageBackbone(Backbone):
                 "text_encoder",
                 lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
             )
-            tokenizer = load("tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"))
-            # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
-            if len(tokenizer) <= 100:
-                raise BadInput(
-                    f"{path}: tokenizer/ loaded empty ({len(tokenizer)} tokens): not a local folder or cached hub model"
-                )
+            tokenizer = load_tokenizer(
+                path, "tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=100
+            )
 
         pixel_cfg = Path(path) / PixelCodec.CONFIG_NAME
         codec: nn.Module | None = None

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, load_component
+from apexctl.models.base import Backbone, Cond, load_component, load_tokenizer
 
 #: schedulers SanaPipeline is used with (model_index.json records the one present)
 SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
@@ -86,17 +86,10 @@ class SanaBackbone(Backbone):
         self.codec = codec
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        if codec_config is None:
-            if codec is None:
-                raise ValueError("codec_config is required when no codec is given")
-            codec_config = dict(codec.config)
-        self.codec_config = dict(codec_config)
         self.complex_human_instruction = complex_human_instruction
         if getattr(transformer.config, "guidance_embeds", False):
             raise BadInput("SANA transformers with guidance_embeds (SANA-Sprint) are not supported")
-        for frozen in (text_encoder, codec):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
+        self._finish_init(codec, codec_config)
 
     # -- loading / saving ---------------------------------------------------------------------------------------
     @classmethod
@@ -137,12 +130,9 @@ class SanaBackbone(Backbone):
             text_encoder = load(
                 "text_encoder", lambda: Gemma2Model.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
             )
-            tokenizer = load("tokenizer", lambda: GemmaTokenizer.from_pretrained(path, subfolder="tokenizer"))
-            # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
-            if len(tokenizer) <= 100:
-                raise BadInput(
-                    f"{path}: tokenizer/ loaded empty ({len(tokenizer)} tokens): not a local folder or cached hub model"
-                )
+            tokenizer = load_tokenizer(
+                path, "tokenizer", lambda: GemmaTokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=100
+            )
 
         codec: nn.Module | None = None
         if load_codec:

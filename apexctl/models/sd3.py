@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component
+from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component, load_tokenizer
 
 #: model_index.json entries (the layout of the hub SD3 / SD3.5 repositories)
 _COMPONENTS = {
@@ -93,13 +93,7 @@ class SD3Backbone(ScaledKLCodec, Backbone):
         self.tokenizer_2 = tokenizer_2
         self.tokenizer_3 = tokenizer_3
         self.scheduler = scheduler
-        if codec_config is None:
-            if codec is None:
-                raise ValueError("codec_config is required when no codec is given")
-            codec_config = dict(codec.config)
-        self.codec_config = dict(codec_config)
-        for frozen in self._frozen():
-            frozen.requires_grad_(False).eval()
+        self._finish_init(codec, codec_config)
 
     def _frozen(self) -> list[nn.Module]:
         return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.codec) if m is not None]
@@ -140,7 +134,9 @@ class SD3Backbone(ScaledKLCodec, Backbone):
                     sub, lambda sub=sub: CLIPTextModelWithProjection.from_pretrained(path, subfolder=sub, dtype=dtype)
                 )
             for sub in ("tokenizer", "tokenizer_2"):
-                text[sub] = load(sub, lambda sub=sub: CLIPTokenizer.from_pretrained(path, subfolder=sub))
+                text[sub] = load_tokenizer(
+                    path, sub, lambda sub=sub: CLIPTokenizer.from_pretrained(path, subfolder=sub), min_tokens=10
+                )
             # SD3 runs without T5 (the pipeline then feeds zeros): only a local folder may omit it
             if Path(path).is_dir() and not (Path(path) / "text_encoder_3").is_dir():
                 text["text_encoder_3"] = text["tokenizer_3"] = None
@@ -149,16 +145,12 @@ class SD3Backbone(ScaledKLCodec, Backbone):
                     "text_encoder_3",
                     lambda: T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype),
                 )
-                text["tokenizer_3"] = load(
-                    "tokenizer_3", lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3")
+                text["tokenizer_3"] = load_tokenizer(
+                    path,
+                    "tokenizer_3",
+                    lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3"),
+                    min_tokens=10,
                 )
-            for sub in _TOKENIZERS:
-                tok = text[sub]
-                # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
-                if tok is not None and len(tok) <= 10:
-                    raise BadInput(
-                        f"{path}: {sub}/ loaded empty ({len(tok)} tokens): not a local folder or cached hub model"
-                    )
 
         codec = None
         if load_codec:

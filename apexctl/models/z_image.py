@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component
+from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component, load_tokenizer
 
 _COMPONENTS = {
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
@@ -107,14 +107,7 @@ class ZImageBackbone(ScaledKLCodec, Backbone):
         self.codec = codec
         self.tokenizer = tokenizer
         self.scheduler = scheduler
-        if codec_config is None:
-            if codec is None:
-                raise ValueError("codec_config is required when no codec is given")
-            codec_config = dict(codec.config)
-        self.codec_config = dict(codec_config)
-        for frozen in (text_encoder, codec):
-            if frozen is not None:
-                frozen.requires_grad_(False).eval()
+        self._finish_init(codec, codec_config)
 
     # -- loading / saving ---------------------------------------------------------------------------------------
     @classmethod
@@ -149,12 +142,9 @@ class ZImageBackbone(ScaledKLCodec, Backbone):
             text_encoder = load(
                 "text_encoder", lambda: Qwen3Model.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
             )
-            tokenizer = load("tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"))
-            # transformers 5 offline returns an empty tokenizer for an uncached hub id instead of raising
-            if len(tokenizer) <= 100:
-                raise BadInput(
-                    f"{path}: tokenizer/ loaded empty ({len(tokenizer)} tokens): not a local folder or cached hub model"
-                )
+            tokenizer = load_tokenizer(
+                path, "tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=100
+            )
         codec: nn.Module | None = None
         if load_codec:
             codec = load("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype))
