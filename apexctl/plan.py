@@ -135,8 +135,13 @@ def memory_lines(r: Recipe) -> list[str]:
     grads = trainable * 4
     adam = trainable * (2 if t.optimizer == "adamw8bit" else 8)
     ema = trainable * 4 if (t.ema_decay is not None or r.method.reference == "ema") else 0
+    # reference = base with full tuning: a frozen fp32 copy of the starting weights
+    base = trainable * 4 if (r.method.reference == "base" and lora is None) else 0
+    # critic = separate: a second copy of the trained parameters (LoRA: the adapter; the base is shared) with its
+    # own gradients and optimizer states
+    critic = (trainable * 8 + adam) if r.method.critic == "separate" else 0
     shards = h.processes if h.strategy == "fsdp" else 1
-    state = (weights + grads + adam + ema) / shards
+    state = (weights + grads + adam + ema + base + critic) / shards
     hidden, blocks, px = _shape(config, folder)
     tokens = max(r.data.resolution // px, 1) ** 2 + 256  # image tokens + a typical prompt length
     act_bytes = 4 if h.precision == "fp32" or (h.precision == "auto" and h.device == "cpu") else 2
@@ -150,6 +155,8 @@ def memory_lines(r: Recipe) -> list[str]:
         + f", {trainable:,} trainable ({what}; {source}, meta device)",
         f"memory     per GPU ≈ {(state + acts) / _GIB:.2f} GiB: weights {weights / shards / _GIB:.2f} + grads "
         f"{grads / shards / _GIB:.2f} + {t.optimizer} states {adam / shards / _GIB:.2f} + EMA {ema / shards / _GIB:.2f}"
+        + (f" + base copy {base / _GIB:.2f}" if base else "")
+        + (f" + separate critic {critic / _GIB:.2f} (weights, grads, optimizer states)" if critic else "")
         + (f" (FSDP: /{shards})" if shards > 1 else "")
         + f" + activations ≈ {acts / _GIB:.2f} (rough: {t.micro_batch} × {branches} branch(es) × {tokens} tokens × "
         f"{hidden} × {blocks} blocks × {act_bytes} B × {k})",
@@ -168,6 +175,13 @@ def describe_plan(r: Recipe) -> str:
     lines.append(f"data       {r.data.source} → cache {r.data.cache_dir} ({state}), cond_dropout {r.data.cond_dropout}")
     eq = _EQUATIONS[m.objective].format(**m.model_dump())
     lines.append(f"objective  {m.objective}: {eq}")
+    if m.objective == "apex" and m.critic == "separate":
+        lines.append("           critic: separate copy of the denoiser (L_fake with the real condition; not exported)")
+    if m.objective == "apex" and m.generator_steps > 1:
+        n = m.generator_steps
+        lines.append(
+            f"           generator steps {n}: τ ∈ {{1, …, 1/{n}}}; sample with sample.method few, sample.steps {n}"
+        )
     if m.objective != "flow_matching":
         s = m.shift
         lines.append(

@@ -132,9 +132,24 @@ class MethodSpec(_Strict):
     fake_weight: float = Field(1.0, ge=0.0, description="λ_p")
     rectify_weight: float = Field(0.5, ge=0.0, description="μ")
     delta_clip: float | None = Field(1.0, gt=0.0, description="δ; null = no clamp")
-    reference: Literal["self", "ema", "base"] = Field("self", description="F_ref in Δ; base = LoRA adapters off")
+    reference: Literal["self", "ema", "base"] = Field(
+        "self",
+        description="F_ref in Δ: self (live, no grad) | ema | base (the starting model: LoRA adapters off, or a "
+        "frozen copy of the initial weights for full tuning)",
+    )
     reference_guidance: float = Field(
         1.0, ge=1.0, description="CFG scale of the reference in Δ (needs '' in the cache)"
+    )
+    critic: Literal["shifted", "separate"] = Field(
+        "shifted",
+        description="what plays the fake score in L_fake and Δ: shifted = F(u, s, c_fake) (APEX) | separate = a second "
+        "copy of the denoiser trained by L_fake with the real condition (DMD2-style baseline; training only)",
+    )
+    generator_steps: int = Field(
+        1,
+        ge=1,
+        description="N > 1: generator rows also train at τ ∈ {(N−1)/N, …, 1/N} on the student's re-noised samples "
+        "(sample with sample.method: few, sample.steps: N)",
     )
     # apex_paper (DESIGN §5.3)
     mix_weight: float = Field(1.0, ge=0.0, description="λ_e")
@@ -234,9 +249,28 @@ class Recipe(_Strict):
     output: OutputSpec = OutputSpec()
 
     @model_validator(mode="after")
-    def _base_reference_needs_lora(self) -> Recipe:
-        if self.method.reference == "base" and self.model.lora is None:
-            raise ValueError("method.reference = 'base' needs model.lora (the base is the model with adapters off)")
+    def _method_combinations(self) -> Recipe:
+        m, fsdp = self.method, self.hardware.strategy == "fsdp"
+        if m.reference == "base" and self.model.lora is None and fsdp:
+            raise ValueError(
+                "method.reference = 'base' with full tuning keeps a frozen copy of the starting weights, which "
+                "hardware.strategy = 'fsdp' would have to shard; use model.lora (base = adapters off), strategy "
+                "'ddp', or another method.reference"
+            )
+        if m.critic == "separate":
+            if m.objective != "apex":
+                raise ValueError(f"method.critic = 'separate' is for method.objective = 'apex', not '{m.objective}'")
+            if fsdp:
+                raise ValueError(
+                    "method.critic = 'separate' is not supported with hardware.strategy = 'fsdp' (the critic copy "
+                    "is not sharded); use strategy 'ddp', or method.critic = 'shifted'"
+                )
+            if m.shift.learnable:
+                raise ValueError(
+                    "method.critic = 'separate' does not use the condition shift; set method.shift.learnable = false"
+                )
+        if m.generator_steps > 1 and m.objective != "apex":
+            raise ValueError(f"method.generator_steps > 1 is for method.objective = 'apex', not '{m.objective}'")
         return self
 
     def dump(self) -> str:

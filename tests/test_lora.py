@@ -128,11 +128,14 @@ def test_zero_adapter_is_refused():
         check_not_zero(adapter_state(m))
 
 
-def test_base_reference_needs_lora(tmp_path):
+def test_base_reference_full_tuning_is_refused_under_fsdp(tmp_path):
+    """reference = base without LoRA keeps a frozen copy of the starting weights: fine unsharded, refused with FSDP."""
     p = tmp_path / "r.yaml"
-    p.write_text("model: {path: tiny:digits}\nmethod: {reference: base}\n")
+    p.write_text("model: {path: tiny:digits}\nmethod: {reference: base}\nhardware: {strategy: fsdp, processes: 2}\n")
     res = runner.invoke(app, ["distill", str(p), "--dry-run"])
-    assert res.exit_code == 2 and "needs model.lora" in res.output
+    assert res.exit_code == 2 and "method.reference = 'base'" in res.output and "fsdp" in res.output
+    p.write_text("model: {path: tiny:digits}\nmethod: {reference: base}\n")
+    assert runner.invoke(app, ["distill", str(p), "--dry-run"]).exit_code == 0
 
 
 def test_merge_lora_loads_in_stock_pipeline_and_matches_one_step(lora_run, tmp_path):

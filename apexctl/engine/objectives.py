@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from apexctl.engine.flow import TimeSampler, interpolate, loss_weight, mse_per_row, velocity_target
+from apexctl.engine.flow import TimeSampler, endpoint, interpolate, loss_weight, mse_per_row, velocity_target
 from apexctl.engine.shift import ConditionShift
 from apexctl.models.base import Backbone, Cond
 
@@ -35,6 +35,9 @@ class Net:
 
 #: F_ref(u, s, c): the reference branch of ``apex`` (no grad), provided by the trainer (self | ema | base)
 Reference = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+#: F_φ(u, s, c): a separate critic network (``method.critic: separate``), called with gradient, real condition
+Critic = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
 @dataclass
@@ -77,6 +80,29 @@ class ApexConfig:
     rectify_weight: float = 0.5  # μ
     delta_clip: float | None = 1.0  # δ; None = no clamp
     reference_guidance: float = 1.0  # > 1: F_ref is the family's CFG of F_ref(c) and F_ref(∅) (needs ``uncond``)
+    generator_steps: int = 1  # N: generator rows at τ on the few-step grid {1, (N−1)/N, …, 1/N}
+
+
+def _generator_inputs(
+    net: Net, z: torch.Tensor, cond: Cond, steps: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator rows' time τ (uniform on the few-step grid 1 − i/N, i = 0 … N−1) and input x_τ.
+
+    τ = 1: x_τ = z. τ < 1: the student's own re-noised one-step sample, as the few-step sampler sees it at
+    inference, x_τ = τ·z + (1−τ)·sg(x̂₁) with x̂₁ = z' − F(z', 1, c) from fresh noise z' (one no-grad forward of
+    those rows only).
+    """
+    B = z.shape[0]
+    tau = (steps - torch.randint(0, steps, (B,), generator=generator)).to(z.device, z.dtype) / steps
+    z1 = torch.randn(z.shape, generator=generator).to(z)
+    x_in = z.clone()
+    rows = (tau < 1.0).nonzero().flatten()
+    if rows.numel():
+        with torch.no_grad():
+            zr = z1[rows]
+            x1_hat = zr - net(zr, torch.ones_like(tau[rows]), cond[rows])
+        x_in[rows] = interpolate(x1_hat, z[rows], tau[rows])
+    return tau, x_in
 
 
 def apex(
@@ -87,6 +113,7 @@ def apex(
     reference: Reference | None = None,
     generator: torch.Generator | None = None,
     uncond: Cond | None = None,
+    critic: Critic | None = None,
 ) -> LossOut:
     """The shifted branch as the model's own critic::
 
@@ -101,23 +128,47 @@ def apex(
     ``reference`` defaults to the current network without gradient (``self``). With ``reference_guidance`` g > 1
     the real side of Δ is guided, ``F_ref ← combine(F_ref(u, s, c), F_ref(u, s, ∅), g)`` (``uncond`` = ∅ rows), so
     the generator is pulled toward the guided teacher distribution.
+
+    ``critic`` (``method.critic: separate``, the external fake-score network of DMD2 that APEX makes unnecessary):
+    a second network F_φ, called with gradient and the REAL condition, replaces F(u, s, c_fake) everywhere::
+
+        L_fake = ‖F_φ(u, s, c) − (z2 − sg(x̂))‖²           (gradient reaches φ only: u and x̂ are detached)
+        Δ      = sg(clamp(F_φ(u, s, c) − F_ref(u, s, c), −δ, δ))
+
+    The generator F then gets w_fm·L_fm + μ·L_rect only, and the condition shift is unused.
+
+    ``generator_steps`` N > 1 (the few-step regime; sample with ``few_step`` and N steps): each generator row draws
+    τ uniformly from the sampler's grid {1, (N−1)/N, …, 1/N} and starts where the sampler would::
+
+        x_τ    = z                                   (τ = 1)
+        x_τ    = τ·z + (1−τ)·sg(x̂₁),  x̂₁ = z' − F(z', 1, c)   (τ < 1; fresh z', no grad)
+        x̂      = x_τ − τ·F(x_τ, τ, c)
+        L_rect = ‖F(x_τ, τ, c) − sg(F(x_τ, τ, c) − Δ/τ)‖²   (row-wise; dx̂/dF = −τ, so x̂ still moves by +Δ)
+
+    with u, L_fake and Δ built from this x̂ exactly as above. N = 1 is the formula at the top (τ ≡ 1, x_τ = z),
+    computed by the same code and drawing the same random numbers as before the option existed.
     """
     B, dev = x.shape[0], x.device
     z = torch.randn(x.shape, generator=generator).to(x)
     z_fm = torch.randn(x.shape, generator=generator).to(x)
     t_fm = cfg.fm_time(B, dev, generator).to(x.dtype)
     x_t = interpolate(x, z_fm, t_fm)
+    few = cfg.generator_steps > 1
+    if few:
+        tau, x_gen = _generator_inputs(net, z, cond, cfg.generator_steps, generator)
+    else:
+        tau, x_gen = torch.ones_like(t_fm), z
 
     # generator rows and FM rows share one forward pass
-    v = net(torch.cat([z, x_t]), torch.cat([torch.ones_like(t_fm), t_fm]), Cond.cat([cond, cond]))
+    v = net(torch.cat([x_gen, x_t]), torch.cat([tau, t_fm]), Cond.cat([cond, cond]))
     f_gen, f_fm = v[:B], v[B:]
     loss_fm = _mse(f_fm, velocity_target(x, z_fm))
 
-    x_hat = (z - f_gen).detach()
+    x_hat = endpoint(x_gen, tau, f_gen).detach() if few else (z - f_gen).detach()
     s = cfg.critic_time(B, dev, generator).to(x.dtype)
     z2 = torch.randn(x.shape, generator=generator).to(x)
     u = interpolate(x_hat, z2, s)
-    f_fake = net(u, s, cond, fake=_all(B, dev))
+    f_fake = critic(u, s, cond) if critic is not None else net(u, s, cond, fake=_all(B, dev))
     loss_fake = _mse(f_fake, velocity_target(x_hat, z2))
 
     with torch.no_grad():
@@ -132,7 +183,8 @@ def apex(
         delta = f_fake.detach() - f_ref
         if cfg.delta_clip is not None:
             delta = delta.clamp(-cfg.delta_clip, cfg.delta_clip)
-    loss_rect = _mse(f_gen, (f_gen - delta).detach())
+    step = delta / tau.reshape(-1, *([1] * (x.dim() - 1))) if few else delta  # x̂ moves by +Δ: F by −Δ/τ
+    loss_rect = _mse(f_gen, (f_gen - step).detach())
 
     loss = cfg.fm_weight * loss_fm + cfg.fake_weight * loss_fake + cfg.rectify_weight * loss_rect
     return LossOut(

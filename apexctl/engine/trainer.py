@@ -2,7 +2,7 @@
 
 Per optimizer step: ``grad_accum`` micro-batches from the latent cache → objective → backward → clip → AdamW →
 LR schedule → EMA. Checkpoints hold everything an exact resume needs (weights, optimizer, LR schedule, EMA,
-shift, RNG of every rank, data position, step and skip counters) and are written to ``step-N.tmp``, marked
+shift, a separate critic, RNG of every rank, data position, step and skip counters) and are written to ``step-N.tmp``, marked
 ``COMPLETE`` and only then renamed. A run folder has one writer at a time (``RUN/.lock``, engine/lock.py).
 
 The pieces: :func:`setup` builds a :class:`Session`; :func:`train_step` runs one optimizer step;
@@ -13,6 +13,7 @@ result. :func:`train` strings them together.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -64,8 +65,8 @@ def time_sampler(spec: TimeSpec, t_max: float = 1.0) -> TimeSampler:
     )
 
 
-def build_objective(recipe: Recipe, reference=None):
-    """``(net, x, cond) -> LossOut`` for the recipe's objective."""
+def build_objective(recipe: Recipe, reference=None, critic=None):
+    """``(net, x, cond) -> LossOut`` for the recipe's objective (``critic``: the separate critic's forward)."""
     m = recipe.method
     if m.objective == "flow_matching":
         return partial(flow_matching, cfg=FlowMatchingConfig(time_sampler(m.time)))
@@ -89,8 +90,9 @@ def build_objective(recipe: Recipe, reference=None):
         rectify_weight=m.rectify_weight,
         delta_clip=m.delta_clip,
         reference_guidance=m.reference_guidance,
+        generator_steps=m.generator_steps,
     )
-    return partial(apex, cfg=cfg, reference=reference)
+    return partial(apex, cfg=cfg, reference=reference, critic=critic)
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -155,6 +157,32 @@ class _ShadowForward(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
+
+
+class _CriticState:
+    """Checkpoint state of ``method.critic: separate``: the critic's trained parameters by name (its frozen LoRA
+    base is the model's own, shared, and not saved); its optimizer state is the optimizer's last param group."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        self.named = named
+
+    def state_dict(self) -> dict:
+        return {"critic": {n: p.detach().cpu() for n, p in self.named}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["critic"]
+        if list(saved) != [n for n, _ in self.named]:
+            raise ValueError("critic state does not match the critic's trained parameters")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(saved[n])
+
+
+def make_critic(transformer: torch.nn.Module) -> torch.nn.Module:
+    """A second copy of the denoiser for ``method.critic: separate``, equal to it at the start. Its trained
+    parameters (all weights; with LoRA the adapters) are new tensors; frozen ones (a LoRA base) are shared."""
+    memo = {id(p): p for p in transformer.parameters() if not p.requires_grad}
+    return copy.deepcopy(transformer, memo)
 
 
 def run_dir(recipe: Recipe) -> Path:
@@ -279,6 +307,8 @@ class Session:
     global_batch: int
     last_good: tuple[int, Path] | None = None
     sample_rows: list[int] = field(default_factory=list)
+    critic: torch.nn.Module | None = None  # method.critic: separate (outside DDP: gradients averaged by hand)
+    critic_params: list[torch.nn.Parameter] = field(default_factory=list)
 
     @property
     def world(self) -> int:
@@ -294,14 +324,24 @@ class Session:
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
-        return self.params + (list(self.shift.parameters()) if self.shift.learnable else [])
+        return self.params + (list(self.shift.parameters()) if self.shift.learnable else []) + self.critic_params
+
+    @property
+    def unwrapped_trainable(self) -> list[torch.nn.Parameter]:
+        """Trained parameters outside the DDP module (learnable shift, separate critic): averaged by hand."""
+        return (list(self.shift.parameters()) if self.shift.learnable else []) + self.critic_params
 
 
-def _make_reference(kind: str, backbone, transformer, net: Net, ema: EMA | None, wrapped):
-    if kind == "ema":
+def _make_reference(
+    kind: str, backbone, transformer, net: Net, ema: EMA | None, wrapped, base: dict[str, torch.Tensor] | None = None
+):
+    """F_ref of ``apex``: None (self), the EMA shadows, or the starting model — a frozen copy of the initial trained
+    weights (``base``, full tuning) or the LoRA base (adapters off)."""
+    if kind == "ema" or (kind == "base" and base is not None):
 
         def reference(u, t, c):
-            backbone.set_forward_module(_ShadowForward(transformer, ema.shadow_dict()))
+            params = ema.shadow_dict() if kind == "ema" else base
+            backbone.set_forward_module(_ShadowForward(transformer, params))
             try:
                 with torch.no_grad():
                     return net(u, t, c)
@@ -317,6 +357,19 @@ def _make_reference(kind: str, backbone, transformer, net: Net, ema: EMA | None,
 
         return reference
     return None
+
+
+def _make_critic_forward(backbone, critic: torch.nn.Module, wrapped):
+    """F_φ(u, s, c) of ``method.critic: separate``: the critic copy, with gradient, the real condition (no shift)."""
+
+    def forward(u, t, c):
+        backbone.set_forward_module(critic)
+        try:
+            return backbone.velocity(u, t, c).to(u.dtype)
+        finally:
+            backbone.set_forward_module(wrapped)
+
+    return forward
 
 
 def setup(recipe: Recipe, acc) -> Session:
@@ -378,6 +431,11 @@ def setup(recipe: Recipe, acc) -> Session:
     groups = [{"params": params, "lr": tr.lr}]
     if s.learnable:
         groups.append({"params": list(shift.parameters()), "lr": tr.lr * s.lr_scale, "weight_decay": 0.0})
+    critic, critic_named = None, []
+    if m.critic == "separate":  # recipe-validated: apex, not FSDP; equal budget: same optimizer, lr and steps
+        critic = make_critic(transformer)
+        critic_named = [(n, p) for n, p in critic.named_parameters() if p.requires_grad]
+        groups.append({"params": [p for _, p in critic_named], "lr": tr.lr})
     opt = make_optimizer(recipe, groups)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -391,11 +449,19 @@ def setup(recipe: Recipe, acc) -> Session:
         backbone.set_forward_module(wrapped)
         shift.to(acc.device)
         backbone.to(acc.device)
+        if critic is not None:
+            critic.to(acc.device)
+    # reference = base with full tuning: the starting weights, frozen (taken before any step and before a resume
+    # loads the trained ones, so a resumed run has the same base without storing it in the checkpoint)
+    base = None
+    if m.reference == "base" and recipe.model.lora is None:
+        base = {n: p.detach().clone() for n, p in named}
 
     ema_decay = tr.ema_decay if tr.ema_decay is not None else (0.99 if m.reference == "ema" else None)
     ema = EMA(named, ema_decay) if ema_decay is not None else None
     net = Net(backbone, shift)
-    objective = build_objective(recipe, _make_reference(m.reference, backbone, transformer, net, ema, wrapped))
+    reference = _make_reference(m.reference, backbone, transformer, net, ema, wrapped, base)
+    objective = build_objective(recipe, reference, _make_critic_forward(backbone, critic, wrapped) if critic else None)
 
     sampler = PairSampler(len(cache), seed=tr.seed, cond_dropout=recipe.data.cond_dropout, buckets=cache.pair_buckets)
     guided_ref = m.objective == "apex" and m.reference_guidance > 1.0
@@ -403,6 +469,8 @@ def setup(recipe: Recipe, acc) -> Session:
     counter = StepCounter()
     for obj in (sched, sampler, counter, shift) + ((ema,) if ema is not None else ()):
         acc.register_for_checkpointing(obj)
+    if critic is not None:
+        acc.register_for_checkpointing(_CriticState(critic_named))
     if fsdp:  # the optimizer state, gathered; the weights go to model.safetensors in save_checkpoint
         holder = torch.nn.ModuleDict({"transformer": transformer, "shift": shift})
         acc.register_for_checkpointing(fsdp_mod.OptimizerState(holder, opt))
@@ -427,6 +495,8 @@ def setup(recipe: Recipe, acc) -> Session:
         empty=empty,
         guided_ref=guided_ref,
         global_batch=global_batch,
+        critic=critic,
+        critic_params=[p for _, p in critic_named],
     )
     if tr.sample_every is not None:
         sess.sample_rows = _sample_rows(recipe, cache)
@@ -570,10 +640,10 @@ def train_step(sess: Session) -> StepOut:
         keys = list(terms_sum)
         vals = _mean_over_ranks(acc, [loss_sum] + [terms_sum[k] for k in keys])
         loss_sum, terms_sum = vals[0], dict(zip(keys, vals[1:], strict=True))
-        if sess.shift.learnable:  # the shift lives outside the DDP module: average its gradients by hand
-            for p in sess.shift.parameters():
-                if p.grad is not None:
-                    p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+        # the learnable shift and a separate critic live outside the DDP module: average their gradients by hand
+        for p in sess.unwrapped_trainable:
+            if p.grad is not None:
+                p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
     step = sess.counter.step + 1
     finite = math.isfinite(loss_sum)
     if not finite and not tr.skip_nonfinite:
