@@ -61,12 +61,12 @@ class SynthesizeSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    source: Literal["digits", "folder", "parquet", "datasets", "hub", "prompts"] = Field(
+    source: Literal["digits", "scenes", "folder", "parquet", "datasets", "hub", "prompts"] = Field(
         "digits",
-        description="digits (built in) | folder (images + metadata.jsonl) | parquet (files/glob) | datasets "
+        description="digits (built in) | scenes (built in: coloured digits at positions, 16×16) | folder (images + metadata.jsonl) | parquet (files/glob) | datasets "
         "(load_from_disk folder) | hub (dataset id) | prompts (.txt/.jsonl; needs data.synthesize)",
     )
-    path: str | None = Field(None, description="where the source lives (not used by digits)")
+    path: str | None = Field(None, description="where the source lives (not used by digits / scenes)")
     split: str = Field("train", description="split of a datasets folder or hub dataset")
     image_column: str = "image"
     text_column: str = "text"
@@ -91,7 +91,9 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _source_fields(self) -> DataSpec:
-        if self.source != "digits" and not self.path:
+        if self.source == "scenes" and self.resolution != 16:
+            raise ValueError(f"data.resolution = {self.resolution}: data.source = 'scenes' is 16×16 (set 16)")
+        if self.source not in ("digits", "scenes") and not self.path:
             raise ValueError(f"data.source = '{self.source}' needs data.path")
         if self.source == "prompts" and self.synthesize is None:
             raise ValueError("data.source = 'prompts' needs data.synthesize (the teacher makes the images)")

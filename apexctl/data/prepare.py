@@ -45,14 +45,16 @@ def resolved_cache_dtype(d: DataSpec) -> str:
     """``data.cache_dtype`` with ``auto`` resolved: fp32 for the digits (exact demo numbers), bf16 otherwise."""
     if d.cache_dtype != "auto":
         return d.cache_dtype
-    return "fp32" if d.source == "digits" else "bf16"
+    return "fp32" if d.source in ("digits", "scenes") else "bf16"
 
 
 def data_settings(d: DataSpec, model_dir: str) -> dict:
     """The data settings a cache's content depends on (not throughput knobs such as workers or batch sizes)."""
     s: dict = {"resolution": d.resolution, "cache_dtype": resolved_cache_dtype(d), "limit": d.limit}
-    if d.source == "digits":
+    if d.source in ("digits", "scenes"):
         s.update(holdout=d.holdout, seed=d.seed)
+        if d.source == "scenes":
+            s["source"] = "scenes"
         return s
     s.update(
         path=d.path,
@@ -305,7 +307,7 @@ def _image_shards(
     bar.advance(task, sum(len(chunks[k]) for k in range(len(chunks)) if entries[k] is not None))
     synth = d.synthesize is not None
     if not synth:
-        in_memory = source.name == "digits"  # already tensors: worker processes would only add pickling
+        in_memory = source.name in ("digits", "scenes")  # already tensors: worker processes would only add pickling
         dataset = DecodeDataset(source, items, image_preparer(buckets, d.min_image_size, d.resolution))
         batches = [
             list(c[i : i + d.encode_batch])

@@ -1,7 +1,7 @@
 """Data sources (recipe ``data.source``): each lists its items up front and loads one item's image on demand.
 
 An :class:`Item` is one image with its captions (a training pair per caption). ``Source.load(item.ref)`` returns a
-``PIL.Image`` (or a ``[C, H, W]`` tensor for the digits) and may raise for an unreadable image: the caller skips and
+``PIL.Image`` (or a ``[C, H, W]`` tensor for the digits and scenes) and may raise for an unreadable image: the caller skips and
 reports that item. Listing is cheap (captions only); a missing source, column or split raises
 :class:`~apexctl.errors.BadInput` with one line naming the path/key and what is allowed.
 
@@ -21,7 +21,7 @@ from typing import Any
 from apexctl.errors import BadInput
 from apexctl.recipe import DataSpec
 
-SOURCES = ("digits", "folder", "parquet", "datasets", "hub", "prompts")
+SOURCES = ("digits", "scenes", "folder", "parquet", "datasets", "hub", "prompts")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,20 @@ class DigitsSource(Source):
 
     def load(self, ref: int):
         return self.images[ref]
+
+
+# -- scenes (coloured digits at positions, apexctl.data.scenes) ------------------------------------------------------
+class ScenesSource(DigitsSource):
+    def __init__(self, spec: DataSpec) -> None:
+        from apexctl.data import digits, scenes
+
+        train = scenes.train_scenes(digits.load_split(holdout=spec.holdout, seed=spec.seed), seed=spec.seed)
+        by_image: dict[int, list[str]] = {}
+        for i, p in scenes.training_pairs(train.digits):
+            by_image.setdefault(i, []).append(p)
+        items = [Item(i, f"scene {i}", tuple(by_image[i]), ref=i) for i in range(len(train.digits))]
+        Source.__init__(self, "scenes", items, extra_prompts=scenes.all_prompts())
+        self.images = train.images
 
 
 # -- image folder with metadata.jsonl -----------------------------------------------------------------------------
@@ -278,6 +292,8 @@ def open_source(spec: DataSpec) -> Source:
     """The recipe's data source, listed (captions read, images not yet)."""
     if spec.source == "digits":
         return DigitsSource(spec)
+    if spec.source == "scenes":
+        return ScenesSource(spec)
     if spec.source == "folder":
         return FolderSource(spec)
     if spec.source == "parquet":

@@ -1,4 +1,6 @@
-"""``apexctl eval digits``: generate with the teacher and the student, score with the digits judge, report.
+"""``apexctl eval digits`` / ``eval scenes``: generate with the teacher and the student, score with the setting's
+judge, report. One loop (:func:`run_eval`) serves both settings; an :class:`EvalSetting` brings the prompts, the
+judge and the real-data row.
 
 Rows: teacher at ``teacher_steps`` (Euler, with the guidance of the teacher's own recipe), teacher at 1 step, student at each requested
 step count. Every row sees the same prompts and the same seeds (image k of a prompt uses seed k).
@@ -9,7 +11,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,8 +30,64 @@ def teacher_sample_spec(teacher_dir: str) -> SampleSpec:
     return SampleSpec()
 
 
-def run_eval_digits(
+@dataclass
+class EvalSetting:
+    """What :func:`run_eval` needs from a setting: ``prompts`` (each with ``.prompt``, ``.allowed``, ``.kind``), a
+    ``judge`` with ``score(images, allowed, kinds)`` and ``test_accuracy``, the real-data row, and ``describe``
+    turning a prompt's ``allowed`` into JSON for results.json."""
+
+    name: str
+    prompts: Sequence[Any]
+    judge: Any
+    reference: dict
+    reference_label: str
+    describe: Callable[[Any], Any]
+
+
+def digits_setting(recipe: Recipe) -> EvalSetting:
+    from apexctl.data.digits import eval_prompts, load_split
+    from apexctl.eval.digits import DigitsJudge, real_reference
+
+    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
+    judge = DigitsJudge.fit(split, seed=0)
+    return EvalSetting("digits", eval_prompts(), judge, real_reference(judge, split), "real data (held-out)", sorted)
+
+
+def scenes_setting(recipe: Recipe) -> EvalSetting:
+    from apexctl.data.digits import load_split
+    from apexctl.data.scenes import eval_prompts
+    from apexctl.eval.scenes import SceneJudge, real_reference
+
+    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
+    prompts = eval_prompts()
+    judge = SceneJudge.fit(split, prompts, seed=0)
+    reference = real_reference(judge, split, prompts)
+
+    def describe(rule) -> dict:
+        return {
+            "classes": sorted(rule.classes),
+            "colours": sorted(rule.colours),
+            "positions": sorted(rule.positions),
+            "count": rule.count,
+            "pair_sum": rule.pair_sum,
+        }
+
+    return EvalSetting("scenes", prompts, judge, reference, "real data (held-out digits)", describe)
+
+
+def run_eval_digits(recipe: Recipe, **kwargs) -> dict:
+    """``apexctl eval digits``: :func:`run_eval` with the digits prompts and judge."""
+    return run_eval(recipe, digits_setting(recipe), **kwargs)
+
+
+def run_eval_scenes(recipe: Recipe, **kwargs) -> dict:
+    """``apexctl eval scenes``: :func:`run_eval` with the scenes prompts and judge."""
+    return run_eval(recipe, scenes_setting(recipe), **kwargs)
+
+
+def run_eval(
     recipe: Recipe,
+    setting: EvalSetting,
     *,
     per_prompt: int = 100,
     teacher_steps: int = 50,
@@ -37,17 +98,14 @@ def run_eval_digits(
 ) -> dict:
     from rich.console import Console
 
-    from apexctl.data.digits import eval_prompts, load_split
-    from apexctl.eval.digits import DigitsJudge, format_table, real_reference
+    from apexctl.eval.digits import format_table
     from apexctl.generate import generate_images
     from apexctl.images import save_grid
     from apexctl.models import load_for_recipe, resolve_model_path
     from apexctl.sampling import load_trained
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs/CI: the full table, not a squeezed one
-    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
-    judge = DigitsJudge.fit(split, seed=0)
-    prompts = eval_prompts()
+    judge, prompts = setting.judge, setting.prompts
     texts = [p.prompt for p in prompts for _ in range(per_prompt)]
     seeds = [k for _ in prompts for k in range(per_prompt)]
     allowed = [p.allowed for p in prompts for _ in range(per_prompt)]
@@ -75,7 +133,7 @@ def run_eval_digits(
         for k in student_steps
     ]
 
-    results: dict[str, dict] = {"real data (held-out)": real_reference(judge, split)}
+    results: dict[str, dict] = {setting.reference_label: setting.reference}
     grids = []
     for name, model, steps, method, guidance in rows_spec:
         t0 = time.perf_counter()
@@ -102,11 +160,11 @@ def run_eval_digits(
         pick = torch.tensor([i * per_prompt + k for i in range(len(prompts)) for k in range(min(8, per_prompt))])
         grids.append((name, images[pick]))
 
-    folder = out or Path(recipe.output.dir) / "eval" / "digits"
+    folder = out or Path(recipe.output.dir) / "eval" / setting.name
     folder.mkdir(parents=True, exist_ok=True)
     summary = {
         "per_prompt": per_prompt,
-        "prompts": [{"prompt": p.prompt, "kind": p.kind, "allowed": sorted(p.allowed)} for p in prompts],
+        "prompts": [{"prompt": p.prompt, "kind": p.kind, "allowed": setting.describe(p.allowed)} for p in prompts],
         "judge_test_accuracy": judge.test_accuracy,
         "teacher": {"model": teacher_dir, "steps": teacher_steps, "guidance": teacher_guidance},
         "rows": results,

@@ -330,28 +330,44 @@ class PixelCodec(nn.Module):
     """Identity "codec" for pixel-space models (the embedded digits default): latents are the pixels in [−1, 1].
 
     ``channels == 1``: encode = mean over RGB, decode repeats the channel 3 times; ``channels == 3``: identity.
-    Saved as ``apexctl_codec.json`` ``{"type": "pixel", "channels": C}`` in place of a ``vae/`` folder.
+    ``patch > 1`` (the scenes model): then a space-to-depth by ``patch`` (``pixel_unshuffle``), so a 16×16 RGB image
+    is ``[12, 8, 8]`` latents and the 2×2-packing transformer sees 16 tokens; decode undoes it (``pixel_shuffle``).
+    Saved as ``apexctl_codec.json`` ``{"type": "pixel", "channels": C}`` (+ ``"patch": p`` when p > 1) in place of a
+    ``vae/`` folder.
     """
 
     CONFIG_NAME = "apexctl_codec.json"
 
-    def __init__(self, channels: int = 1):
+    def __init__(self, channels: int = 1, patch: int = 1):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"pixel codec channels must be 1 or 3, got {channels}")
-        self.channels = channels
+        if patch < 1:
+            raise ValueError(f"pixel codec patch must be >= 1, got {patch}")
+        self.channels, self.patch = channels, patch
 
     def config(self) -> dict:
-        return {"type": "pixel", "channels": self.channels}
+        cfg = {"type": "pixel", "channels": self.channels}
+        if self.patch > 1:
+            cfg["patch"] = self.patch
+        return cfg
+
+    @property
+    def latent_channels(self) -> int:
+        return self.channels * self.patch**2
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels == 3:
-            return images
-        # the RGB mean, written so that equal channels (a grey image) give back exactly that channel
-        r, g, b = images[:, 0:1], images[:, 1:2], images[:, 2:3]
-        return r + ((g - r) + (b - r)) / 3
+            x = images
+        else:
+            # the RGB mean, written so that equal channels (a grey image) give back exactly that channel
+            r, g, b = images[:, 0:1], images[:, 1:2], images[:, 2:3]
+            x = r + ((g - r) + (b - r)) / 3
+        return nn.functional.pixel_unshuffle(x, self.patch) if self.patch > 1 else x
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.patch > 1:
+            latents = nn.functional.pixel_shuffle(latents, self.patch)
         return latents.repeat(1, 3, 1, 1) if self.channels == 1 else latents
 
 

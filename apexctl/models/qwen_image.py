@@ -140,7 +140,7 @@ class QwenImageBackbone(Backbone):
             if codec_config.get("type") != "pixel":
                 raise BadInput(f"{pixel_cfg}: unknown codec type {codec_config.get('type')!r} (allowed: 'pixel')")
             if load_codec:
-                codec = PixelCodec(int(codec_config.get("channels", 1)))
+                codec = PixelCodec(int(codec_config.get("channels", 1)), int(codec_config.get("patch", 1)))
         elif load_codec:
             codec = load(
                 "vae", lambda: AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
@@ -244,14 +244,19 @@ class QwenImageBackbone(Backbone):
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell: ``2 ** len(temperal_downsample)`` as in the pipeline; 1 for the pixel codec."""
-        return 1 if self.is_pixel else 2 ** len(self.codec_config["temperal_downsample"])
+        """Pixels per latent cell: ``2 ** len(temperal_downsample)`` as in the pipeline; pixel codec: its ``patch``."""
+        if self.is_pixel:
+            return int(self.codec_config.get("patch", 1))
+        return 2 ** len(self.codec_config["temperal_downsample"])
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
         if height % (2 * f) or width % (2 * f):
             raise BadInput(f"image size {height}x{width}: height and width must be multiples of {2 * f} for this model")
-        channels = int(self.codec_config["channels"]) if self.is_pixel else int(self.codec_config["z_dim"])
+        if self.is_pixel:
+            channels = int(self.codec_config["channels"]) * int(self.codec_config.get("patch", 1)) ** 2
+        else:
+            channels = int(self.codec_config["z_dim"])
         return channels, height // f, width // f
 
     # -- the denoiser --------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Presets:
 - ``digits``: pixel codec (1 channel, 8×8 images → latents (1, 8, 8)), transformer ``patch_size=2, in_channels=4,
               out_channels=1``, text hidden 32. Sizes are overridable (``num_layers``, ``num_attention_heads``,
               ``attention_head_dim``, ``text_hidden``, ``text_layers``).
+- ``scenes``: pixel codec with space-to-depth 2 (3 channels, 16×16 RGB → latents (12, 8, 8), so the 2×2-packed
+              transformer still sees 16 tokens), ``in_channels=48, out_channels=12``, tokenizer also trained on the
+              scenes prompts (``apexctl.data.scenes.vocabulary_corpus``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ PRESETS: dict[str, dict[str, int]] = {
     "test": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "text_hidden": 16, "text_layers": 2},
     "digits": {
         "num_layers": 3,
+        "num_attention_heads": 4,
+        "attention_head_dim": 16,
+        "text_hidden": 32,
+        "text_layers": 2,
+    },
+    "scenes": {
+        "num_layers": 4,
         "num_attention_heads": 4,
         "attention_head_dim": 16,
         "text_hidden": 32,
@@ -126,7 +136,12 @@ def build_tiny_qwen_image(out_dir: str | Path, *, preset: str = "test", seed: in
     from apexctl.models.tokenizers import qwen2_tokenizer
 
     s = _sizes(preset, sizes)
-    tok = qwen2_tokenizer()
+    if preset == "scenes":
+        from apexctl.data.scenes import vocabulary_corpus
+
+        tok = qwen2_tokenizer(vocabulary_corpus())
+    else:
+        tok = qwen2_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if preset == "test":
@@ -141,6 +156,9 @@ def build_tiny_qwen_image(out_dir: str | Path, *, preset: str = "test", seed: in
                 latents_std=[0.5, 1.5, 1.0, 2.0],
             )
             latent_channels = 4
+        elif preset == "scenes":
+            codec = PixelCodec(channels=3, patch=2)
+            latent_channels = codec.latent_channels
         else:
             codec = PixelCodec(channels=1)
             latent_channels = 1
