@@ -50,3 +50,40 @@ def test_published_qwen_config_gives_the_papers_lora_sizes():
         counts[name] = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
     assert total == 20_430_401_088
     assert counts["qwen_lora.yaml"] == 425_279_488 and counts["qwen_lora_r32.yaml"] == 212_639_744
+
+
+def test_sample_speed_quick_writes_tables_with_measured_speedups(tmp_path, monkeypatch):
+    # median of 3 (not --quick's 1) so one scheduling hiccup on a busy machine cannot invert a ratio
+    argv = ["sample_speed.py", "--quick", "--reps", "3", "--threads", "1", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCH / "sample_speed.py"), run_name="__main__")
+    summary = json.loads((tmp_path / "sample_speed.json").read_text())
+    md = (tmp_path / "sample_speed.md").read_text()
+    assert summary["meta"]["quick"] and summary["meta"]["reps"] == 3 and summary["meta"]["threads"] == 1
+    assert set(summary["configs"]) == {"digits", "large"}
+    for name, res in summary["configs"].items():
+        assert f"## {name}:" in md
+        rows = {(r["name"], r["mode"]): r for r in res["rows"]}
+        assert {m for _, m in rows} == {"end-to-end", "transformer"}
+        teacher = [r for r in res["rows"] if r["kind"] == "teacher"]
+        students = {r["steps"]: r for r in res["rows"] if r["kind"] == "student" and r["mode"] == "end-to-end"}
+        assert sorted(students) == [1, 2, 4] and {r["nfe"] for r in students.values()} == {1, 2, 4}
+        assert res["teacher"]["steps"] >= 2 and res["teacher"]["guidance"] > 1
+        for t in teacher:
+            assert t["nfe"] == 2 * t["steps"]
+            for b in ("batch1", "batch8"):
+                assert t[b]["speedup_vs_teacher"] == pytest.approx(1.0)
+        # end-to-end gives pixels, transformer-only gives latents
+        assert res["output_shape"]["end-to-end"][-1] == res["image_size"]
+        assert res["output_shape"]["transformer"] == res["latent_shape"]
+        for mode in ("end-to-end", "transformer"):
+            one = rows[("student 1-step", mode)]
+            t = next(r for r in teacher if r["mode"] == mode)
+            for b in ("batch1", "batch8"):
+                ms, t_ms = one[b]["ms_per_image"], t[b]["ms_per_image"]
+                assert 0 < ms < t_ms  # 1 forward vs 2·N forwards' worth of rows
+                assert one[b]["speedup_vs_teacher"] == pytest.approx(t_ms / ms) and one[b]["speedup_vs_teacher"] > 1
+                assert one[b]["images_per_s"] == pytest.approx(1e3 / ms)
+                assert one[b]["ms_min"] <= ms <= one[b]["ms_max"]
+                # the markdown carries the same number
+                assert f"{one[b]['speedup_vs_teacher']:.2f}×" in md
