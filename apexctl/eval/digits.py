@@ -88,6 +88,27 @@ def _hidden(clf: MLPClassifier, x: np.ndarray) -> np.ndarray:
     return np.maximum(x @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
 
 
+def check_score_args(n: int, allowed: Sequence, kinds: Sequence[str], prompts: Sequence[str] | None, what: str) -> None:
+    """BadInput unless there is one ``allowed`` entry, kind (and prompt, if given) per image and every kind is known."""
+    if len(allowed) != n or len(kinds) != n or (prompts is not None and len(prompts) != n):
+        raise BadInput(
+            f"score: {n} images but {len(allowed)} {what}, {len(kinds)} kinds"
+            + ("" if prompts is None else f", {len(prompts)} prompts")
+        )
+    bad = sorted({k for k in kinds if k not in KINDS})
+    if bad:
+        raise BadInput(f"score: kinds must be one of {KINDS}, got {bad}")
+
+
+def alignment_by_kind(ok: np.ndarray, kinds: np.ndarray) -> dict[str, float | None]:
+    """Fraction of correct images per kind (None when a kind is absent) and ``overall``."""
+    alignment: dict[str, float | None] = {
+        k: (float(ok[kinds == k].mean()) if (kinds == k).any() else None) for k in KINDS
+    }
+    alignment["overall"] = float(ok.mean()) if len(ok) else None
+    return alignment
+
+
 @dataclass
 class DigitsJudge:
     """A digit classifier fitted on real train images, with the real test statistics the metrics compare to."""
@@ -150,21 +171,11 @@ class DigitsJudge:
         """
         x = _flatten(images)
         n = len(x)
-        if len(allowed) != n or len(kinds) != n or (prompts is not None and len(prompts) != n):
-            raise BadInput(
-                f"score: {n} images but {len(allowed)} allowed sets, {len(kinds)} kinds"
-                + ("" if prompts is None else f", {len(prompts)} prompts")
-            )
-        bad = sorted({k for k in kinds if k not in KINDS})
-        if bad:
-            raise BadInput(f"score: kinds must be one of {KINDS}, got {bad}")
+        check_score_args(n, allowed, kinds, prompts, "allowed sets")
         pred = self.predict(x)
         ok = np.array([int(p) in a for p, a in zip(pred, allowed, strict=True)], dtype=bool)
         kinds_arr = np.asarray(kinds)
-        alignment: dict[str, float | None] = {
-            k: (float(ok[kinds_arr == k].mean()) if (kinds_arr == k).any() else None) for k in KINDS
-        }
-        alignment["overall"] = float(ok.mean()) if n else None
+        alignment = alignment_by_kind(ok, kinds_arr)
 
         names = {v: k for k, v in MULTI_PROMPTS.items()}
         hist: dict[str, list[int]] = {}

@@ -47,12 +47,13 @@ from apexctl.data import scenes as S
 from apexctl.data.digits import DigitsSplit
 from apexctl.errors import BadInput
 from apexctl.eval.digits import (
-    KINDS,
     DigitsJudge,
     ImageLike,
     _diversity,
     _gaussian,
     _hidden,
+    alignment_by_kind,
+    check_score_args,
     format_table,
     frechet_distance,
 )
@@ -172,22 +173,12 @@ class SceneJudge:
         the ``MULTI_PROMPTS`` name of the rule."""
         x = _pixels(images)
         n = len(x)
-        if len(allowed) != n or len(kinds) != n or (prompts is not None and len(prompts) != n):
-            raise BadInput(
-                f"score: {n} images but {len(allowed)} rules, {len(kinds)} kinds"
-                + ("" if prompts is None else f", {len(prompts)} prompts")
-            )
-        bad = sorted({k for k in kinds if k not in KINDS})
-        if bad:
-            raise BadInput(f"score: kinds must be one of {KINDS}, got {bad}")
+        check_score_args(n, allowed, kinds, prompts, "rules")
         det = self.detect(x)
         found = [det.digits(i) for i in range(n)]
         ok = np.array([rule.satisfied_by(ds) for rule, ds in zip(allowed, found, strict=True)], dtype=bool)
         kinds_arr = np.asarray(kinds)
-        alignment: dict[str, float | None] = {
-            k: (float(ok[kinds_arr == k].mean()) if (kinds_arr == k).any() else None) for k in KINDS
-        }
-        alignment["overall"] = float(ok.mean()) if n else None
+        alignment = alignment_by_kind(ok, kinds_arr)
 
         names = {v: k for k, v in S.MULTI_PROMPTS.items()}
         hist: dict[str, dict[str, dict[str, int]]] = {}
