@@ -89,3 +89,72 @@ def line_chart(steps: Sequence[float], values: Sequence[float], title: str) -> s
         parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{COLOR}"/>' for x, y in pts]
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+PALETTE = ("#1f6fb4", "#d6452b", "#2c9a48", "#8a4fbf", "#e08e0b", "#555555", "#17a2b8", "#b5179e")
+
+
+def series_chart(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str = "",
+    log_x: bool = False,
+) -> str:
+    """Several named (x, y) series with markers and a legend, e.g. accuracy against sampling steps per method.
+
+    ``log_x`` spaces x by log2 (1, 2, 4 … 50 steps). Non-finite points are dropped; '' when nothing is left."""
+    clean = {
+        name: [(float(x), float(y)) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+        for name, (xs, ys) in series.items()
+    }
+    clean = {k: sorted(v) for k, v in clean.items() if v}
+    if not clean:
+        return ""
+    fx = (lambda v: math.log2(v)) if log_x else (lambda v: v)
+    xs = sorted({x for pts in clean.values() for x, _ in pts})
+    ys = [y for pts in clean.values() for _, y in pts]
+    x0, x1 = fx(xs[0]), fx(xs[-1])
+    if x1 <= x0:
+        x1 = x0 + 1
+    yt = nice_ticks(min(ys), max(ys), outward=True)
+    y0, y1 = yt[0], yt[-1]
+    width, legend_w = WIDTH + 60, 150
+    pw, ph = width - LEFT - RIGHT - legend_w, HEIGHT - TOP - BOTTOM
+
+    def px(x: float) -> float:
+        return LEFT + (fx(x) - x0) / (x1 - x0) * pw
+
+    def py(y: float) -> float:
+        return TOP + (1 - (y - y0) / (y1 - y0)) * ph
+
+    parts = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{HEIGHT}" '
+        f'viewBox="0 0 {width} {HEIGHT}" font-family="sans-serif" font-size="10">',
+        f"<title>{escape(title)}</title>",
+        f'<rect width="{width}" height="{HEIGHT}" fill="white"/>',
+        f'<text x="{LEFT + pw / 2}" y="15" text-anchor="middle" font-size="12" font-weight="bold">{escape(title)}</text>',
+        f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+    ]
+    for t in yt:
+        parts.append(f'<line x1="{LEFT}" x2="{LEFT + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{LEFT - 4}" y="{py(t) + 3:.1f}" text-anchor="end">{_fmt(t)}</text>')
+    for x in xs if log_x else nice_ticks(xs[0], xs[-1]):
+        parts.append(f'<text x="{px(x):.1f}" y="{TOP + ph + 14}" text-anchor="middle">{_fmt(x)}</text>')
+    parts.append(f'<text x="{LEFT + pw / 2}" y="{HEIGHT - 3}" text-anchor="middle">{escape(xlabel)}</text>')
+    if ylabel:
+        parts.append(
+            f'<text x="12" y="{TOP + ph / 2}" text-anchor="middle" transform="rotate(-90 12 {TOP + ph / 2})">'
+            f"{escape(ylabel)}</text>"
+        )
+    for i, (name, pts) in enumerate(clean.items()):
+        color = PALETTE[i % len(PALETTE)]
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{coords}"/>')
+        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts]
+        ly = TOP + 8 + 14 * i
+        lx = LEFT + pw + 10
+        parts.append(f'<line x1="{lx}" x2="{lx + 16}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<text x="{lx + 20}" y="{ly + 3}">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)

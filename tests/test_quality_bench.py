@@ -1,0 +1,93 @@
+"""bench/quality.py: the aggregation arithmetic, the report, and one real (tiny) end-to-end pass."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def q():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(row: str, seed: int, evals: dict, train_s: float | None = 10.0) -> dict:
+    return {"key": f"{row}|{seed}", "row": row, "group": "g", "seed": seed, "train_s": train_s, "evals": evals}
+
+
+def test_cells_are_medians_with_ranges_and_time_is_a_ratio_to_apex(q):
+    rows = [q.Row("apex", "main", steps=(1, 2)), q.Row("other", "main")]
+    recs = [
+        _rec("apex", 0, {"1": {"align": 0.5, "fd": 3.0}, "2": {"align": 0.9}}, train_s=10.0),
+        _rec("apex", 1, {"1": {"align": 0.7, "fd": 1.0}, "2": {"align": 0.8}}, train_s=30.0),
+        _rec("apex", 2, {"1": {"align": 0.6, "fd": 2.0}, "2": {"align": 0.7}}, train_s=20.0),
+        _rec("other", 0, {"1": {"align": 0.1}}, train_s=50.0),
+    ]
+    entries = q.aggregate(rows, recs)
+    assert [(e["row"], e["steps"]) for e in entries] == [("apex", 1), ("apex", 2), ("other", 1)]
+    a1 = entries[0]
+    assert a1["n"] == 3 and a1["cells"]["align"].median == pytest.approx(0.6)
+    assert a1["cells"]["align"].text(2) == "0.60 (0.50–0.70)"
+    assert a1["cells"]["fd"].median == pytest.approx(2.0)
+    assert a1["cells"]["coverage"].text(2) == "–"  # never measured
+    assert entries[1]["cells"]["align"].median == pytest.approx(0.8)
+    assert a1["time_ratio"] == pytest.approx(1.0)
+    assert entries[2]["time_ratio"] == pytest.approx(50.0 / 20.0)  # vs the apex median, 20 s
+    table = q.markdown_table(entries)
+    assert "| apex | 1 | 3 | 0.600 (0.500–0.700) |" in table and "| other | 1 | 1 | 0.100 |" in table
+
+
+def test_rows_cover_the_issue_grid(q):
+    rows = q.build_rows(2.0)
+    names = {r.name for r in rows}
+    shifts = {(dict(r.sets)["method.shift.a"], dict(r.sets)["method.shift.b"]) for r in rows if "shift a=" in r.name}
+    assert len(shifts) == 11 and (-1.0, 0.0) not in shifts  # the 12-cell grid minus the default (the apex row)
+    assert {"apex_paper λp:λe=1:0", "apex_paper λp:λe=0:1", "apex without L_fake", "apex separate critic"} <= names
+    teacher = next(r for r in rows if r.name == "teacher")
+    assert teacher.teacher[0] == (50, "euler", 2.0) and teacher.teacher[-1] == (1, "one", 1.0)
+    assert len(names) == len(rows)  # row names are keys
+
+
+def test_job_keys_change_with_the_configuration(q, tmp_path):
+    row = q.Row("apex", "main")
+
+    class A:
+        budget, lr, per_prompt, threads = 10, None, 2, 1
+
+    setting = q.SETTINGS["digits"]
+    j1 = q.make_jobs(setting, [row], [0, 1], tmp_path, "T", "C", A)
+    A.budget = 11
+    j2 = q.make_jobs(setting, [row], [0], tmp_path, "T", "C", A)
+    assert j1[0].key != j1[1].key and j1[0].key != j2[0].key
+    assert "train.steps=10" in j1[0].overrides and "train.seed=1" in j1[1].overrides
+
+
+def test_tiny_end_to_end_trains_evaluates_and_resumes(q, tmp_path, monkeypatch):
+    """A 5-step teacher and 2-step students: every requested step count is scored, and a rerun reuses the runs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "w"
+    argv = [
+        "--rows", "teacher,apex", "--seeds", "0", "--budget", "2", "--per-prompt", "2", "--teacher-steps", "5",
+        "--workers", "0", "--work", str(work), "--no-report", "--quiet",
+    ]  # fmt: skip
+    assert q.main(argv) == 0
+    lines = (work / "results.jsonl").read_text().splitlines()
+    recs = {json.loads(x)["row"]: json.loads(x) for x in lines}
+    assert set(recs) == {"teacher", "apex"}
+    assert set(recs["teacher"]["evals"]) == {"50", "4", "1"} and set(recs["apex"]["evals"]) == {"1", "2", "4"}
+    for ev in recs["apex"]["evals"].values():
+        assert 0.0 <= ev["align"] <= 1.0 and ev["fd"] > 0
+    assert recs["apex"]["train_s"] > 0 and recs["apex"]["state_mb"] > 0
+    assert not (work / "runs" / "apex_s0" / "checkpoints").exists()  # only the model is kept
+    assert q.main(argv) == 0  # everything is read back: no new lines
+    assert (work / "results.jsonl").read_text().splitlines() == lines
