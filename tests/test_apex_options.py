@@ -298,6 +298,13 @@ def _ok(args: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
+    # diffusers/transformers give their loggers a stderr handler on first use: take it outside CliRunner, whose
+    # captured stderr is closed after each invoke (later tests' warnings would hit a closed stream)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.get_logger("diffusers")
+    transformers_logging.get_logger("transformers")
     tmp = tmp_path_factory.mktemp("apex-options")
     mp = pytest.MonkeyPatch()
     mp.setenv("APEXCTL_HOME", str(tmp / "home"))
@@ -365,6 +372,9 @@ def test_separate_critic_starts_equal_and_only_adapters_train_with_lora(work):
     for n in live:
         assert torch.equal(live[n], crit[n]) and live[n].data_ptr() != crit[n].data_ptr(), n
     assert len(sess.critic_params) == len(live) and sess.opt.param_groups[-1]["params"] == sess.critic_params
+    # outside the DDP module: its gradients are averaged over ranks by hand, and it is clipped with the rest
+    assert sess.unwrapped_trainable == sess.critic_params and sess.trainable[-len(live) :] == sess.critic_params
+    assert sess.opt.param_groups[-1]["lr"] == sess.opt.param_groups[0]["lr"]
 
     from apexctl.lora import make_trainable
     from apexctl.models import load_backbone
@@ -408,3 +418,27 @@ def test_generator_steps_train(work):
     assert sess.objective.keywords["cfg"].generator_steps == 2
     out = train_step(sess)
     assert {"fm", "fake", "rect"} <= set(out.terms) and all(v == v for v in out.terms.values())
+
+
+def test_separate_critic_under_ddp_stays_replicated(work):
+    """`--launch 2` (DDP over gloo): the critic lives outside the DDP module; it starts from the broadcast model
+    (LoRA adapters are initialised per rank) and its gradients are averaged by hand, so both ranks hold the same
+    critic at the checkpoint (the trainer compares parameter checksums, critic included, and refuses otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    r = _recipe(
+        work,
+        "critic-ddp",
+        {"critic": "separate", "generator_steps": 2},
+        model={"lora": {"rank": 2, "alpha": 2, "init": "gaussian"}},
+        train={"steps": 2, "micro_batch": 2},
+        hardware={"processes": 2},
+    )
+    env = {**os.environ, "APEXCTL_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "apexctl", "distill", str(r), "--launch", "2", "-q"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = json.loads((work / "critic-ddp" / "checkpoints" / "step-000002" / "COMPLETE").read_text())
+    assert info["world_size"] == 2 and len(set(info["param_checksums"])) == 1

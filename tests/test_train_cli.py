@@ -221,8 +221,8 @@ def _patched_objective(monkeypatch, hook):
     real = trainer.build_objective
     calls = {"n": 0}
 
-    def build(recipe, reference=None):
-        fn = real(recipe, reference)
+    def build(recipe, *args, **kwargs):
+        fn = real(recipe, *args, **kwargs)
 
         def wrapped(*a, **kw):
             calls["n"] += 1

@@ -449,8 +449,12 @@ def setup(recipe: Recipe, acc) -> Session:
         backbone.set_forward_module(wrapped)
         shift.to(acc.device)
         backbone.to(acc.device)
-        if critic is not None:
+        if critic is not None:  # equal to the model as prepared (DDP broadcast rank 0's weights, e.g. a LoRA init)
             critic.to(acc.device)
+            with torch.no_grad():
+                for (cn, c), (n, p) in zip(critic_named, named, strict=True):
+                    assert cn == n, (cn, n)
+                    c.copy_(p)
     # reference = base with full tuning: the starting weights, frozen (taken before any step and before a resume
     # loads the trained ones, so a resumed run has the same base without storing it in the checkpoint)
     base = None
