@@ -146,13 +146,8 @@ class Evaluator:
     size: tuple[int, int]
 
 
-def _digits_evaluator(recipe, per_prompt: int) -> Evaluator:
-    from apexctl.data.digits import eval_prompts, load_split
-    from apexctl.eval.digits import DigitsJudge
-
-    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
-    judge = DigitsJudge.fit(split, seed=0)
-    prompts = eval_prompts()
+def _evaluator(judge, prompts, per_prompt: int, resolution: int) -> Evaluator:
+    """Both settings' judges share ``score(images, allowed, kinds, prompts)`` and its result keys."""
     texts = [p.prompt for p in prompts for _ in range(per_prompt)]
     allowed = [p.allowed for p in prompts for _ in range(per_prompt)]
     kinds = [p.kind for p in prompts for _ in range(per_prompt)]
@@ -169,14 +164,25 @@ def _digits_evaluator(recipe, per_prompt: int) -> Evaluator:
             "diversity": s["diversity"],
         }
 
-    r = recipe.data.resolution
-    return Evaluator(texts, score, (r, r))
+    return Evaluator(texts, score, (resolution, resolution))
+
+
+def _digits_evaluator(recipe, per_prompt: int) -> Evaluator:
+    from apexctl.data.digits import eval_prompts, load_split
+    from apexctl.eval.digits import DigitsJudge
+
+    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
+    return _evaluator(DigitsJudge.fit(split, seed=0), eval_prompts(), per_prompt, recipe.data.resolution)
 
 
 def _scenes_evaluator(recipe, per_prompt: int) -> Evaluator:
-    from apexctl.eval import scenes
+    from apexctl.data.digits import load_split
+    from apexctl.data.scenes import eval_prompts
+    from apexctl.eval.scenes import SceneJudge
 
-    return scenes.bench_evaluator(recipe, per_prompt, Evaluator)
+    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
+    prompts = eval_prompts()
+    return _evaluator(SceneJudge.fit(split, prompts, seed=0), prompts, per_prompt, recipe.data.resolution)
 
 
 EVALUATORS: dict[str, Callable[[Any, int], Evaluator]] = {"digits": _digits_evaluator, "scenes": _scenes_evaluator}
