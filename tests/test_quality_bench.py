@@ -77,7 +77,7 @@ def test_tiny_end_to_end_trains_evaluates_and_resumes(q, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work = tmp_path / "w"
     argv = [
-        "--rows", "teacher,apex", "--seeds", "0", "--budget", "2", "--per-prompt", "2", "--teacher-steps", "5",
+        "--rows", "teacher;apex", "--seeds", "0", "--budget", "2", "--per-prompt", "2", "--teacher-steps", "5",
         "--workers", "0", "--work", str(work), "--no-report", "--quiet",
     ]  # fmt: skip
     assert q.main(argv) == 0

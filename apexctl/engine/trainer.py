@@ -415,6 +415,14 @@ def setup(recipe: Recipe, acc) -> Session:
         site=s.site,
         dim=(backbone.condition_dim() if s.site == "projection" else backbone.embed_dim) if s.mode == "diag" else None,
     )
+    if s.site == "projection" and s.mode == "scalar" and getattr(backbone, "projection_cancels_scalar_bias", False):
+        if s.b != 0.0 or s.learnable:
+            acc.print(
+                f"warning: method.shift.b has no effect at site 'projection' on {backbone.family} (the text stream is "
+                "read through LayerNorms, which remove a constant bias"
+                + ("; a learnable b gets no gradient" if s.learnable else "")
+                + "); use method.shift.site: embeddings for a bias that changes the condition"
+            )
     fsdp = hw.strategy == "fsdp"
     if fsdp:  # shard before the optimizer exists: it steps the sharded (DTensor) parameters
         from apexctl.engine import fsdp as fsdp_mod

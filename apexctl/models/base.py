@@ -164,6 +164,10 @@ class Backbone(ABC, nn.Module):
     family: str = "base"
     #: default LoRA target module names for this family
     lora_targets: list[str] = []
+    #: every later read of the condition site's output goes through a LayerNorm, which removes a constant b·1
+    #: exactly: a scalar shift's b is then a no-op at the ``projection`` site (checked per family in
+    #: tests/test_shift_sites.py)
+    projection_cancels_scalar_bias: bool = False
 
     transformer: nn.Module
 

@@ -75,6 +75,7 @@ class FluxBackbone(ScaledKLCodec, Backbone):
     encoders and the VAE are frozen. Text encoders / codec may be ``None`` when loaded without them."""
 
     family = "flux"
+    projection_cancels_scalar_bias = True  # the text stream is read through LayerNorms only
     pipeline_class = "FluxPipeline"
     comfyui = True
     lora_targets = [

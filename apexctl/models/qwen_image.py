@@ -55,6 +55,7 @@ class QwenImageBackbone(Backbone):
     """
 
     family = "qwen_image"
+    projection_cancels_scalar_bias = True  # the text stream is read through LayerNorms only
     pipeline_class = "QwenImagePipeline"
     comfyui = True
     lora_targets = [

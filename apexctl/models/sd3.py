@@ -53,6 +53,7 @@ class SD3Backbone(ScaledKLCodec, Backbone):
     (``text_encoder_3`` may also be absent from a folder: the pipeline then uses zeros for the T5 tokens)."""
 
     family = "sd3"
+    projection_cancels_scalar_bias = True  # the text stream is read through LayerNorms only
     pipeline_class = "StableDiffusion3Pipeline"
     comfyui = True
     lora_targets = [
