@@ -553,6 +553,54 @@ def questions(entries: list[dict]) -> str:
     return "\n".join(out)
 
 
+#: the paper's Table 7 (GenEval, A = a·I, b = b·1), for the side-by-side grid
+PAPER_TABLE7 = {
+    -1.0: (0.76, 0.73, 0.74, 0.74),
+    -0.5: (0.75, 0.79, 0.81, 0.70),
+    0.5: (0.29, 0.37, 0.30, 0.73),
+}
+GRID_B = (0.0, 0.1, 1.0, 10.0)
+
+
+def shift_grid(entries: list[dict], key: str = "coverage") -> str:
+    """Our 1-step ``key`` over the Table 7 grid at both shift sites, beside the paper's GenEval. Cells that are
+    exactly equal by construction (tests/test_shift_sites.py) are filled from the run they equal, marked ≡."""
+
+    def cell(row: str) -> float | None:
+        return _median_of(entries, row, 1, key)
+
+    def ours(site: str, a: float, b: float) -> str:
+        if site == "projection":
+            if (a, b) == (-1.0, 0.0):
+                return _f(cell("apex"))
+            if b != 0.0 and a != -1.0:  # LayerNorm removes b: the b = 0 cell of the same a
+                return "≡ " + _f(cell(f"apex shift a={a:g} b=0"))
+            return _f(cell(f"apex shift a={a:g} b={b:g}"))
+        if b == 0.0 and a == -0.5:  # RMSNorm keeps only sign(a)
+            return "≡ " + _f(cell("apex shift@embeddings a=-1 b=0"))
+        if b == 0.0 and a == 0.5:
+            return "≡ " + _f(cell("apex without shift (a=1, b=0)"))
+        return _f(cell(f"apex shift@embeddings a={a:g} b={b:g}"))
+
+    head = "| a \\ b | " + " | ".join(f"{b:g}" for b in GRID_B)
+    lines = [
+        head + " | " + " | ".join(f"{b:g}" for b in GRID_B) + " | " + " | ".join(f"{b:g}" for b in GRID_B) + " |",
+        "|---|" + "---|" * 12,
+    ]
+    for a, paper in PAPER_TABLE7.items():
+        proj = " | ".join(ours("projection", a, b) for b in GRID_B)
+        emb = " | ".join(ours("embeddings", a, b) for b in GRID_B)
+        lines.append(f"| {a:g} | {proj} | {emb} | " + " | ".join(f"{v:.2f}" for v in paper) + " |")
+    return (
+        f"1-step {key}: our projection site (columns 1–4), our embeddings site (5–8), the paper's GenEval (9–12)\n\n"
+        + "\n".join(lines)
+    )
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
 def steps_chart(entries: list[dict], setting: str) -> str:
     from apexctl.eval.plots import series_chart
 
@@ -614,6 +662,12 @@ def render_markdown() -> str:
             "### The questions, in numbers",
             "",
             questions(entries),
+            "",
+            "### The shift grid (Table 7)",
+            "",
+            shift_grid(entries, "coverage"),
+            "",
+            shift_grid(entries, "fd"),
         ]
         write_text(RESULTS / f"quality_{name}_steps.svg", steps_chart(entries, name))
     text = "\n".join(parts) + "\n"
