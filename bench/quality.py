@@ -650,7 +650,9 @@ def render_markdown() -> str:
             "",
             f"Command: `{meta['command']}`  ",
             f"Machine: {meta['machine']}; {meta['workers']} runs in parallel, {meta['threads']} thread each; "
-            f"wall time {meta['wall_min']:.1f} min (teacher training {meta['teacher_train_s'] or 0:.0f} s of it); "
+            f"wall time {meta['wall_min']:.1f} min (teacher training {meta['teacher_train_s'] or 0:.0f} s of it) for "
+            f"{meta.get('runs', '?')} runs, {meta.get('runs_read_back', 0)} of them read back from an earlier "
+            f"invocation; training + sampling time summed over all runs {meta.get('run_minutes', 0):.0f} min; "
             f"{meta['date']}.  ",
             f"Budget: {meta['budget']} optimizer steps per run at batch {meta['micro_batch']}, lr {meta['lr']}; "
             f"seeds {meta['seeds']}; {meta['per_prompt']} images per prompt.",
@@ -731,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         setting, work, threads=max(2, args.threads), quiet=args.quiet, steps=args.teacher_steps
     )
     jobs = make_jobs(setting, rows, seeds, work, teacher, cache, args)
-    records = run_all(jobs, work / "results.jsonl", args.workers, args.quiet)
+    before = work / "results.jsonl"
+    known = {json.loads(x)["key"] for x in before.read_text().splitlines() if x.strip()} if before.is_file() else set()
+    records = run_all(jobs, before, args.workers, args.quiet)
     wall = time.perf_counter() - t0
     entries = aggregate(rows, records)
     print(markdown_table(entries))
@@ -746,6 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "threads": args.threads,
         "wall_min": wall / 60,
+        "runs": len(jobs),
+        "runs_read_back": sum(j.key in known for j in jobs),  # finished by an earlier, interrupted invocation
+        "run_minutes": sum(
+            (r.get("train_s") or 0) + sum(e.get("sample_s", 0) for e in r["evals"].values()) for r in records
+        )
+        / 60,
         "teacher_train_s": teacher_s,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "budget": args.budget or setting.budget,
