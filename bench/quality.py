@@ -665,7 +665,7 @@ def render_markdown() -> str:
             "",
             "### The shift grid (Table 7)",
             "",
-            shift_grid(entries, "coverage"),
+            shift_grid(entries, "align"),
             "",
             shift_grid(entries, "fd"),
         ]
