@@ -599,19 +599,21 @@ def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-def steps_chart(entries: list[dict], setting: str) -> str:
+def steps_chart(entries: list[dict], setting: str, key: str = "align") -> str:
+    """``key`` (median over seeds) against sampling steps, one line per method."""
     from apexctl.eval.plots import series_chart
 
+    label = {"align": "alignment", "fd": "FD (lower is better)", "coverage": "multi-mode coverage"}[key]
     series: dict[str, tuple[list[float], list[float]]] = {}
     for e in entries:
         if e["row"] in ("teacher", "apex", "apex_paper", "apex, few-step trained (N=4)", "flow_matching fine-tune"):
-            med = e["cells"]["align"].median
+            med = e["cells"][key].median
             if med is not None:
                 xs, ys = series.setdefault(e["row"], ([], []))
                 xs.append(e["steps"])
                 ys.append(med)
     return series_chart(
-        series, f"{setting}: alignment vs sampling steps", "sampling steps (log scale)", "alignment", log_x=True
+        series, f"{setting}: {label} vs sampling steps", "sampling steps (log scale)", label, log_x=True
     )
 
 
@@ -655,7 +657,7 @@ def render_markdown() -> str:
             f"Budget: {meta['budget']} optimizer steps per run at batch {meta['micro_batch']}, lr {meta['lr']}; "
             f"seeds {meta['seeds']}; {meta['per_prompt']} images per prompt.",
             "",
-            f"![alignment vs steps](quality_{name}_steps.svg)",
+            f"![alignment vs steps](quality_{name}_steps.svg) ![FD vs steps](quality_{name}_fd.svg)",
             "",
             markdown_table(entries),
             "",
@@ -669,7 +671,8 @@ def render_markdown() -> str:
             "",
             shift_grid(entries, "fd"),
         ]
-        write_text(RESULTS / f"quality_{name}_steps.svg", steps_chart(entries, name))
+        write_text(RESULTS / f"quality_{name}_steps.svg", steps_chart(entries, name, "align"))
+        write_text(RESULTS / f"quality_{name}_fd.svg", steps_chart(entries, name, "fd"))
     text = "\n".join(parts) + "\n"
     write_text(RESULTS / "quality.md", text)
     return text

@@ -91,3 +91,16 @@ def test_tiny_end_to_end_trains_evaluates_and_resumes(q, tmp_path, monkeypatch):
     assert not (work / "runs" / "apex_s0" / "checkpoints").exists()  # only the model is kept
     assert q.main(argv) == 0  # everything is read back: no new lines
     assert (work / "results.jsonl").read_text().splitlines() == lines
+
+
+def test_series_chart_draws_one_line_per_method_on_a_log_axis():
+    from apexctl.eval.plots import series_chart
+
+    svg = series_chart({"teacher": ([50, 4, 1], [0.9, 0.95, 0.7]), "apex": ([1, 2, 4], [0.97, 0.96, float("nan")])},
+                       "t", "steps", "align", log_x=True)  # fmt: skip
+    assert svg.count("<polyline") == 2 and ">teacher<" in svg and ">apex<" in svg
+    assert svg.count("<circle") == 5  # the NaN point is dropped
+    # log2 x axis: 1, 2, 4 are evenly spaced
+    xs = {t: float(svg.split(f'text-anchor="middle">{t}</text>')[0].rsplit('x="', 1)[1].split('"')[0]) for t in "124"}
+    assert xs["2"] - xs["1"] == pytest.approx(xs["4"] - xs["2"], abs=0.2)  # coordinates are rounded to 0.1 px
+    assert series_chart({"a": ([1], [float("nan")])}, "t", "x") == ""
