@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -239,6 +239,7 @@ class Job:
     work: str
     per_prompt: int
     threads: int
+    rescore: dict | None = None  # the run's earlier record: sample and score its saved model again, no training
 
     @property
     def key(self) -> str:
@@ -294,11 +295,14 @@ def run_job(job: Job) -> dict[str, Any]:
     record: dict[str, Any] = {"key": job.key, "row": job.row.name, "group": job.row.group, "seed": job.seed}
     t0 = time.perf_counter()
     if job.row.trains:
-        shutil.rmtree(job.run_dir, ignore_errors=True)
-        train(recipe, quiet=True)
-        record["train_s"] = time.perf_counter() - t0
-        shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # only model/ and metrics.jsonl are kept
-        record["state_mb"] = _trainable_state_mb(recipe, resolve_model_path(recipe.model.path))
+        if job.rescore is None:
+            shutil.rmtree(job.run_dir, ignore_errors=True)
+            train(recipe, quiet=True)
+            record["train_s"] = time.perf_counter() - t0
+            shutil.rmtree(job.run_dir / "checkpoints", ignore_errors=True)  # only model/ and metrics.jsonl are kept
+            record["state_mb"] = _trainable_state_mb(recipe, resolve_model_path(recipe.model.path))
+        else:  # the training columns are the first run's
+            record.update({k: job.rescore.get(k) for k in ("train_s", "state_mb", "peak_rss_mb")})
         model = load_trained(recipe)
         plan = [(k, "one" if k == 1 else "few", 1.0) for k in job.row.steps]
     else:
@@ -315,7 +319,8 @@ def run_job(job: Job) -> dict[str, Any]:
         metrics = ev.score(images)
         metrics["sample_s"] = time.perf_counter() - t1
         record["evals"][str(steps)] = metrics
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if job.rescore is None:
+        record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return record
 
 
@@ -716,6 +721,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--teacher-steps", type=int, default=None, help="train the teacher this long (trials, tests)")
     ap.add_argument("--work", default=None, help="work folder (default runs/bench-quality/SETTING)")
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="sample and score every finished run's saved model again (after a judge change); no training",
+    )
     ap.add_argument("--no-report", action="store_true", help="do not write bench/results (tests, trial runs)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -747,6 +757,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = make_jobs(setting, rows, seeds, work, teacher, cache, args)
     before = work / "results.jsonl"
     known = {json.loads(x)["key"] for x in before.read_text().splitlines() if x.strip()} if before.is_file() else set()
+    if args.rescore and before.is_file():
+        old = {json.loads(x)["key"]: json.loads(x) for x in before.read_text().splitlines() if x.strip()}
+        jobs = [replace(j, rescore=old[j.key]) for j in jobs if j.key in old]
+        shutil.copyfile(before, before.with_name("results.before-rescore.jsonl"))
+        write_text(before, "")  # the fresh scores replace the old ones (kept in results.before-rescore.jsonl)
+        known = set()
     records = run_all(jobs, before, args.workers, args.quiet)
     wall = time.perf_counter() - t0
     entries = aggregate(rows, records)

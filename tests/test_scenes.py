@@ -243,3 +243,20 @@ def test_score_rejects_bad_shapes(judge):
     with pytest.raises(BadInput, match="rules"):
         judge.score(torch.zeros(2, 3, 16, 16), [S.PAIR_RULE], ["multi"] * 2)
     assert np.isfinite(judge.fd(torch.rand(4, 3, 16, 16) * 2 - 1))
+
+
+def test_faint_background_speckle_is_not_a_digit():
+    """A 1-step student left mid-dark speckle (mean ink ≈ 0.1, nothing above mid-grey) in empty quadrants; only
+    ink pixels count as a digit."""
+    from apexctl.data import scenes as S
+    from apexctl.data.digits import load_split
+    from apexctl.eval.scenes import SceneJudge
+
+    split = load_split()
+    prompt = S.eval_prompts()[0]
+    judge = SceneJudge.fit(split, [prompt], seed=0)
+    real = S.scenes_for_rule(split.test_images, split.test_labels, prompt.allowed, 8, seed=0).images
+    speckle = -0.8 + 0.15 * torch.rand(real.shape, generator=torch.Generator().manual_seed(0))
+    noisy = torch.where(real > -0.99, real, speckle)  # the digit untouched, the background speckled
+    assert float(((noisy.amax(1) + 1) / 2).mean()) > 0.09  # the old mean-ink rule would see ink everywhere
+    assert judge.correct(noisy, [prompt.allowed] * 8).mean() == judge.correct(real, [prompt.allowed] * 8).mean() > 0.5

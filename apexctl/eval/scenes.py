@@ -2,9 +2,10 @@
 
 Per slot (the four 8×8 quadrants; a pair occupies the two top ones) of an image clamped to [−1, 1]:
 
-- **present**: ink energy ``mean((max_c x_c + 1) / 2) ≥ PRESENT_THRESHOLD`` (the slot's mean ink in [0, 1] with the
-  brightest channel; the faintest real digit has 0.22, an empty slot 0; faint haze a
-  generator leaves in an empty quadrant stays below it).
+- **present**: at least ``PRESENT_PIXELS`` ink pixels, i.e. pixels whose brightest channel is above mid-grey
+  (``max_c x_c > 0``). The sparsest real digit has 10, an empty real slot 0. (A first version thresholded the
+  slot's mean ink at 0.1; a 1-step APEX student's faint background speckle, mean ink ≈ 0.1 with no pixel above
+  mid-grey, then counted as digits in empty quadrants.)
 - **colour**: the ink-weighted mean RGB of the slot (in [0, 1]), divided by its largest channel, nearest palette
   pattern (Euclidean): red (1,0,0), green, blue, white (1,1,1).
 - **class**: :class:`apexctl.eval.digits.DigitsJudge`'s classifier on the slot's grey crop ``max_c x_c`` (for a
@@ -58,7 +59,7 @@ from apexctl.eval.digits import (
     frechet_distance,
 )
 
-PRESENT_THRESHOLD = 0.1
+PRESENT_PIXELS = 5  # half the sparsest real digit's ink pixels
 PCA_DIM = 32
 PCA_FIT = 1000
 REF_PER_PROMPT = 100
@@ -136,12 +137,12 @@ class SceneJudge:
         ink = (x + 1.0) / 2.0  # [0, 1]
         grey = x.max(axis=2).reshape(n, len(SLOTS), 64)  # brightest channel, [-1, 1]
         weight = ink.max(axis=2, keepdims=True)  # [N, 4, 1, 8, 8]
-        energy = weight.reshape(n, len(SLOTS), -1).mean(axis=-1)
+        ink_pixels = (grey > 0.0).sum(axis=-1)
         rgb = (ink * weight).sum(axis=(-1, -2)) / np.maximum(weight.sum(axis=(-1, -2)), 1e-9)  # [N, 4, 3]
         norm = rgb / np.maximum(rgb.max(axis=-1, keepdims=True), 1e-9)
         colour = ((norm[:, :, None, :] - _PATTERNS[None, None]) ** 2).sum(-1).argmin(-1)
         label = self.digits.clf.predict(grey.reshape(-1, 64)).reshape(n, len(SLOTS)).astype(np.int64)
-        return Detections(energy >= PRESENT_THRESHOLD, colour, label, grey, rgb)
+        return Detections(ink_pixels >= PRESENT_PIXELS, colour, label, grey, rgb)
 
     def _features(self, det: Detections) -> np.ndarray:
         n = len(det.grey)
