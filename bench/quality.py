@@ -583,11 +583,10 @@ def shift_grid(entries: list[dict], key: str = "coverage") -> str:
 
     def ours(site: str, a: float, b: float) -> str:
         if site == "projection":
-            if (a, b) == (-1.0, 0.0):
-                return _f(cell("apex"))
-            if b != 0.0 and a != -1.0:  # LayerNorm removes b: the b = 0 cell of the same a
-                return "≡ " + _f(cell(f"apex shift a={a:g} b=0"))
-            return _f(cell(f"apex shift a={a:g} b={b:g}"))
+            base = cell("apex") if a == -1.0 else cell(f"apex shift a={a:g} b=0")
+            measured = cell(f"apex shift a={a:g} b={b:g}") if b != 0.0 else base
+            # LayerNorm removes b: an unmeasured cell equals the b = 0 cell of the same a
+            return _f(measured) if measured is not None else "≡ " + _f(base)
         if b == 0.0 and a == -0.5:  # RMSNorm keeps only sign(a)
             return "≡ " + _f(cell("apex shift@embeddings a=-1 b=0"))
         if b == 0.0 and a == 0.5:
