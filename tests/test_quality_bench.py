@@ -50,8 +50,17 @@ def test_cells_are_medians_with_ranges_and_time_is_a_ratio_to_apex(q):
 def test_rows_cover_the_issue_grid(q):
     rows = q.build_rows(2.0)
     names = {r.name for r in rows}
-    shifts = {(dict(r.sets)["method.shift.a"], dict(r.sets)["method.shift.b"]) for r in rows if "shift a=" in r.name}
-    assert len(shifts) == 11 and (-1.0, 0.0) not in shifts  # the 12-cell grid minus the default (the apex row)
+
+    def cells(prefix: str) -> set:
+        return {
+            (dict(r.sets)["method.shift.a"], dict(r.sets)["method.shift.b"]) for r in rows if r.name.startswith(prefix)
+        }
+
+    # projection site: b is an exact no-op there (tests/test_shift_sites.py), so the b = 0 column + the a = −1 row
+    assert cells("apex shift a=") == {(-0.5, 0.0), (0.5, 0.0), (-1.0, 0.1), (-1.0, 1.0), (-1.0, 10.0)}
+    # embeddings site: the 12-cell grid less the two cells RMSNorm makes equal to others
+    emb = cells("apex shift@embeddings")
+    assert len(emb) == 10 and (-0.5, 0.0) not in emb and (0.5, 0.0) not in emb and (0.5, 10.0) in emb
     assert {"apex_paper λp:λe=1:0", "apex_paper λp:λe=0:1", "apex without L_fake", "apex separate critic"} <= names
     teacher = next(r for r in rows if r.name == "teacher")
     assert teacher.teacher[0] == (50, "euler", 2.0) and teacher.teacher[-1] == (1, "one", 1.0)
