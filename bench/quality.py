@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -248,8 +247,12 @@ class Job:
 
     @property
     def run_dir(self) -> Path:
-        safe = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in self.row.name)
-        return Path(self.work) / "runs" / f"{safe}_s{self.seed}"
+        return run_dir_for(self.work, self.row.name, self.seed)
+
+
+def run_dir_for(work: str | Path, row_name: str, seed: int) -> Path:
+    safe = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in row_name)
+    return Path(work) / "runs" / f"{safe}_s{seed}"
 
 
 def _trainable_state_mb(recipe, model_dir: str) -> float:
@@ -359,9 +362,10 @@ def ensure_teacher(
 def make_jobs(
     setting: Setting, rows: list[Row], seeds: list[int], work: Path, teacher: str, cache: str, args
 ) -> list[Job]:
-    budget = args.budget or setting.budget
     from apexctl.recipe import load_recipe
 
+    budget = args.budget or setting.budget
+    per_prompt = args.per_prompt or setting.per_prompt
     jobs = []
     for row in rows:
         for seed in seeds:
@@ -373,15 +377,14 @@ def make_jobs(
                 "train.checkpoint_every": budget * row.length,
                 "train.log_every": 10,
                 "hardware.threads": args.threads,
+                "output.dir": str(run_dir_for(work, row.name, seed)),
             }
             if args.lr or setting.lr:
                 base["train.lr"] = args.lr or setting.lr
-            job = Job(setting.name, row, seed, (), str(work), args.per_prompt or setting.per_prompt, args.threads)
-            base["output.dir"] = str(job.run_dir)
             sets = {**base, **dict(row.sets)}
             overrides = tuple(f"{k}={_fmt_value(v)}" for k, v in sets.items())
             load_recipe(ROOT / setting.student_recipe, list(overrides))  # a bad row fails now, not after an hour
-            jobs.append(Job(setting.name, row, seed, overrides, str(work), job.per_prompt, args.threads))
+            jobs.append(Job(setting.name, row, seed, overrides, str(work), per_prompt, args.threads))
     return jobs
 
 
@@ -691,16 +694,6 @@ def render_markdown() -> str:
     return text
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -731,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from apexctl.atomic import write_text
+    from apexctl.machine import cpu_model
     from apexctl.recipe import load_recipe
 
     setting = SETTINGS[args.setting]
@@ -773,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     student = load_recipe(ROOT / setting.student_recipe)
     meta = {
         "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}",
         "workers": args.workers,
         "threads": args.threads,
         "wall_min": wall / 60,

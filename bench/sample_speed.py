@@ -50,6 +50,7 @@ import yaml  # noqa: E402
 from apexctl.atomic import write_text  # noqa: E402
 from apexctl.engine import sampler  # noqa: E402
 from apexctl.generate import seeded_noise  # noqa: E402
+from apexctl.machine import cpu_model  # noqa: E402
 from apexctl.models import load_backbone  # noqa: E402
 from apexctl.models.base import Backbone, Cond  # noqa: E402
 
@@ -214,16 +215,6 @@ def measure(name: str, cfg: dict, reps: int) -> dict:
         "weights": "random (a fresh tiny build; speed does not depend on the weights)",
         "rows": results,
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ms(x: float) -> str:

@@ -415,7 +415,7 @@ def setup(recipe: Recipe, acc) -> Session:
         site=s.site,
         dim=(backbone.condition_dim() if s.site == "projection" else backbone.embed_dim) if s.mode == "diag" else None,
     )
-    if s.site == "projection" and s.mode == "scalar" and getattr(backbone, "projection_cancels_scalar_bias", False):
+    if s.site == "projection" and s.mode == "scalar" and backbone.projection_cancels_scalar_bias:
         if s.b != 0.0 or s.learnable:
             acc.print(
                 f"warning: method.shift.b has no effect at site 'projection' on {backbone.family} (the text stream is "
