@@ -12,16 +12,17 @@ from typing import Literal
 
 import torch
 
+from apexctl.engine.cond import Cond
+from apexctl.engine.denoiser import Denoiser
 from apexctl.engine.flow import TimeSampler, endpoint, interpolate, loss_weight, mse_per_row, velocity_target
 from apexctl.engine.shift import ConditionShift
-from apexctl.models.base import Backbone, Cond
 
 
 @dataclass
 class Net:
     """F with an optional condition shift on some rows: ``net(x_t, t, c, fake=mask)``."""
 
-    backbone: Backbone
+    backbone: Denoiser
     shift: ConditionShift
 
     def __call__(

@@ -13,7 +13,8 @@ from typing import Literal
 
 import torch
 
-from apexctl.models.base import Backbone, Cond
+from apexctl.engine.cond import Cond
+from apexctl.engine.denoiser import Denoiser
 
 Renoise = Literal["stochastic", "deterministic"]
 
@@ -23,14 +24,14 @@ def _t(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def one_step(backbone: Backbone, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+def one_step(backbone: Denoiser, z: torch.Tensor, cond: Cond) -> torch.Tensor:
     """x = z − F(z, 1, c)."""
     return z - backbone.velocity(z, _t(1.0, z), cond)
 
 
 @torch.no_grad()
 def few_step(
-    backbone: Backbone,
+    backbone: Denoiser,
     z: torch.Tensor,
     cond: Cond,
     steps: int,
@@ -56,7 +57,7 @@ def few_step(
 
 @torch.no_grad()
 def euler(
-    backbone: Backbone,
+    backbone: Denoiser,
     z: torch.Tensor,
     cond: Cond,
     steps: int,
@@ -84,7 +85,7 @@ def euler(
 
 
 def generate(
-    backbone: Backbone,
+    backbone: Denoiser,
     z: torch.Tensor,
     cond: Cond,
     steps: int,

@@ -11,13 +11,16 @@ import json
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from apexctl.engine.cond import Cond
+
+__all__ = ["Backbone", "Cond", "PixelCodec", "ScaledKLCodec"]
 
 
 @contextmanager
@@ -86,72 +89,6 @@ def load_tokenizer(path: str, sub: str, fn, min_tokens: int):
     if len(tok) <= min_tokens:
         raise BadInput(f"{path}: {sub}/ loaded empty ({len(tok)} tokens): not a local folder or cached hub model")
     return tok
-
-
-@dataclass
-class Cond:
-    """Encoded prompts. ``embeds [B, L, D]``, ``mask [B, L]`` (1 = token, 0 = padding), optional ``pooled [B, P]``.
-
-    Indexable and concatenable along the batch, so the engine can mix real, fake and unconditional rows in one
-    forward pass.
-    """
-
-    embeds: torch.Tensor
-    mask: torch.Tensor | None = None
-    pooled: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-    def __getitem__(self, idx) -> Cond:
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
-        return Cond(
-            **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx]) for f in fields(self)}
-        )
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
-        """Move to ``device``; cast floating tensors (not the mask) to ``dtype``."""
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is not None:
-                v = v.to(
-                    device=device,
-                    dtype=dtype if (dtype is not None and v.is_floating_point() and f.name != "mask") else None,
-                )
-            out[f.name] = v
-        return Cond(**out)
-
-    def repeat(self, n: int) -> Cond:
-        """Each row repeated ``n`` times in place (row i → rows i·n … i·n+n−1)."""
-        return Cond(
-            **{
-                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).repeat_interleave(n, dim=0))
-                for f in fields(self)
-            }
-        )
-
-    @staticmethod
-    def cat(conds: Sequence[Cond]) -> Cond:
-        """Concatenate along the batch, right-padding token dimensions to the longest (mask 0 on padding)."""
-        L = max(c.embeds.shape[1] for c in conds)
-        embeds, masks = [], []
-        for c in conds:
-            b, length, d = c.embeds.shape
-            mask = c.mask if c.mask is not None else torch.ones(b, length, dtype=torch.long, device=c.embeds.device)
-            pad = L - length
-            embeds.append(torch.cat([c.embeds, c.embeds.new_zeros(b, pad, d)], 1) if pad else c.embeds)
-            masks.append(torch.cat([mask, mask.new_zeros(b, pad)], 1) if pad else mask)
-        pooled = None
-        if all(c.pooled is not None for c in conds):
-            pooled = torch.cat([c.pooled for c in conds])
-        elif any(c.pooled is not None for c in conds):
-            raise ValueError("cannot concatenate Cond rows with and without pooled embeddings")
-        return Cond(torch.cat(embeds), torch.cat(masks), pooled)
-
-    def with_embeds(self, embeds: torch.Tensor) -> Cond:
-        return replace(self, embeds=embeds)
 
 
 class Backbone(ABC, nn.Module):
