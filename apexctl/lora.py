@@ -146,7 +146,7 @@ def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str |
     import diffusers
 
     from apexctl.atomic import atomic_dir
-    from apexctl.models.base import quiet_hub_progress
+    from apexctl.hub import quiet_hub_progress
 
     state = adapter_state(transformer)
     check_not_zero(state)
@@ -168,7 +168,7 @@ def load_diffusers_lora(transformer: nn.Module, folder: str | Path, family: str)
     A LoRA written by apexctl names its family (``apexctl_lora.json``) and must match; any LoRA whose keys or shapes
     do not fit this denoiser is refused with one line (exit 2) instead of peft's traceback.
     """
-    from apexctl.models.base import one_line, quiet_hub_progress
+    from apexctl.hub import one_line, quiet_hub_progress
 
     folder = Path(folder)
     if not (folder / WEIGHT_NAME).is_file():

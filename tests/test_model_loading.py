@@ -1,11 +1,17 @@
-"""Shared loading pieces of the family adapters: one-line errors instead of tracebacks or silent empty tokenizers."""
+"""Shared loading pieces of the family adapters: one-line errors instead of tracebacks or silent empty tokenizers,
+and an import graph without cycles (the hub helpers live in ``apexctl/hub.py``, which imports no model code)."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 
 from apexctl.errors import BadInput
-from apexctl.models.base import load_component, load_tokenizer
+from apexctl.hub import load_component, load_tokenizer
+
+PACKAGE = Path(__file__).resolve().parent.parent / "apexctl"
 
 
 class _Tok:
@@ -29,3 +35,79 @@ def test_component_load_failure_is_one_line():
 
     with pytest.raises(BadInput, match=r"^/m: cannot load vae/ \(OSError: no file named config.json\)$"):
         load_component("/m", "vae", fail)
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """``module → apexctl modules it imports`` from every import statement (function-level ones included).
+
+    Importing ``a.b.c`` also runs ``a.b``'s ``__init__``, so an edge goes to each parent package too, except the
+    importer's own ancestors (a package's submodules importing their siblings is no cycle).
+    """
+    modules: dict[str, Path] = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(here[: len(here) - node.level + 1] + ([base] if base else []))
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for target in filter(None, map(known, names)):
+                parts = target.split(".")
+                for i in range(2, len(parts) + 1):  # not the top package: every module is inside it
+                    dep = ".".join(parts[:i])
+                    if dep in modules and dep != module and not module.startswith(dep + "."):
+                        edges.add(dep)
+        graph[module] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle ``[m0, m1, …, m0]`` of ``graph``, or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for dep in sorted(graph.get(m, ())):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_find_cycle_sees_a_cycle_through_a_parent_package():
+    # lora → models.loading runs models/__init__, which imports base, which imports lora
+    graph = {"p.lora": {"p.models.loading", "p.models"}, "p.models": {"p.models.base"}, "p.models.base": {"p.lora"}}
+    assert find_cycle(graph) == ["p.lora", "p.models", "p.models.base", "p.lora"]
+    assert find_cycle({"p.a": {"p.b"}, "p.b": set()}) is None
+
+
+def test_apexctl_has_no_import_cycle():
+    graph = import_graph()
+    assert "apexctl.hub" in graph["apexctl.lora"] and "apexctl.lora" in graph["apexctl.models.base"]
+    assert find_cycle(graph) is None, " → ".join(find_cycle(graph) or [])

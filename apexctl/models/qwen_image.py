@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, PixelCodec, load_component, load_tokenizer, write_json
+from apexctl.hub import load_component, load_tokenizer, write_json
+from apexctl.models.base import Backbone, Cond, PixelCodec
 
 _COMPONENTS = {
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, load_component, load_tokenizer
+from apexctl.hub import load_component, load_tokenizer
+from apexctl.models.base import Backbone, Cond
 
 #: schedulers SanaPipeline is used with (model_index.json records the one present)
 SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component, load_tokenizer
+from apexctl.hub import load_component, load_tokenizer
+from apexctl.models.base import Backbone, Cond, ScaledKLCodec
 
 #: model_index.json entries (the layout of the hub SD3 / SD3.5 repositories)
 _COMPONENTS = {

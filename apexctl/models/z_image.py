@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec, load_component, load_tokenizer
+from apexctl.hub import load_component, load_tokenizer
+from apexctl.models.base import Backbone, Cond, ScaledKLCodec
 
 _COMPONENTS = {
     "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
