@@ -13,7 +13,9 @@ reference uses (notes/geneval.md §3.3):
   ``[x_min, y_min, x_max + 1, y_max + 1]`` (mmdet ``mask2bbox``; an empty mask gives a zero box).
 
 ``detections-file`` (``DetectionsFile``): one JSON line per image, ``{"image": "00012/samples/00003.png",
-"detections": {"<class>": [{"box": [x1, y1, x2, y2], "score": s, "mask"?: RLE | PNG path, "color"?: colour}]}}``.
+"detections": {"<class>": [{"box": [x1, y1, x2, y2], "score": s, "mask"?: RLE | PNG path, "color"?: colour}]}}``;
+an image is matched by (prompt index, image index), so any zero-padding (``12/samples/3.png``) and any folder in
+front of it (the reference evaluator writes full paths) name the same image.
 Masks are COCO RLE (``{"size": [h, w], "counts": str | list}``, column-major) or a PNG path relative to the file's
 folder (non-zero = object); they are decoded only when the image is scored.
 """
@@ -21,6 +23,7 @@ folder (non-zero = object); they are decoded only when the image is scored.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -131,7 +134,7 @@ class DetectionsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise BadInput(f"--detections {path}: no such file")
-        self._lines: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self._lines: dict[tuple[int, int] | str, dict[str, list[dict[str, Any]]]] = {}
         names = set(class_names())
         for no, line in enumerate(self.path.read_text().splitlines(), 1):
             if not line.strip():
@@ -172,7 +175,8 @@ class DetectionsFile:
         if mask is not None and not isinstance(mask, str | dict):
             raise BadInput(f"{where}: 'mask' must be a COCO RLE object or a PNG path")
 
-    def images(self) -> set[str]:
+    def images(self) -> set[tuple[int, int] | str]:
+        """The images with a line: (prompt index, image index), or the path when it is not in the GenEval layout."""
         return set(self._lines)
 
     def has(self, image_rel: str) -> bool:
@@ -199,8 +203,15 @@ class DetectionsFile:
         return Detection(box=obj["box"], score=obj["score"], mask=mask, color=obj.get("color"))
 
 
-def _norm(rel: str) -> str:
-    return Path(rel).as_posix().lstrip("./")
+_IMAGE_PATH = re.compile(r"(?:^|/)(\d+)/samples/(\d+)\.png$")
+
+
+def _norm(rel: str) -> tuple[int, int] | str:
+    """The image a path names: (prompt index, image index) for any ``…/<digits>/samples/<digits>.png`` (the
+    reference evaluator reads any zero-padding, and any folder above), else the path itself."""
+    path = Path(rel).as_posix()
+    m = _IMAGE_PATH.search(path)
+    return (int(m[1]), int(m[2])) if m else path.lstrip("./")
 
 
 # ---------------------------------------------------------------- hf-mask2former
