@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.errors import ApexError, BadInput
+from apexctl.errors import ApexError, BadInput, read_text
 
 app = typer.Typer(
     help="APEX one-step distillation for text-to-image flow models: prepare → distill → sample → eval.",
@@ -191,7 +191,7 @@ def sample(
     if prompts_file is not None:
         if not prompts_file.is_file():
             raise BadInput(f"--prompts-file {prompts_file}: no such file")
-        texts += [ln.strip() for ln in prompts_file.read_text().splitlines() if ln.strip()]
+        texts += [ln.strip() for ln in read_text(prompts_file, "--prompts-file").splitlines() if ln.strip()]
     if not texts:
         raise BadInput("no prompts: give them as arguments or with --prompts-file")
     if method is not None and method not in ("auto", "one", "few", "euler"):
@@ -276,7 +276,7 @@ def _judged_eval_command(setting: str, default_recipe: str, doc: str) -> None:
             int, typer.Option("--teacher-steps", min=1, help="Euler steps of the multi-step teacher row")
         ] = 50,
         student_steps: Annotated[
-            Optional[list[int]], typer.Option("--student-steps", help="student rows (repeatable)")
+            Optional[list[int]], typer.Option("--student-steps", min=1, help="student rows (repeatable)")
         ] = None,
         teacher_guidance: Annotated[
             Optional[float],

@@ -24,6 +24,18 @@ COMFYUI_NAME = "comfyui_lora.safetensors"
 LORA_MARKER = "apexctl_lora.json"
 
 
+def _layer_names(transformer: nn.Module, limit: int = 40) -> list[str]:
+    """The distinct names LoRA targets can use (last name component, ``to_out.0`` style for list items)."""
+    names: list[str] = []
+    for name, module in transformer.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            parts = name.split(".")
+            short = ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+            if short not in names:
+                names.append(short)
+    return names[:limit] + (["…"] if len(names) > limit else [])
+
+
 def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[str], dropout: float, init: str) -> None:
     """Freeze ``transformer`` and attach a trainable fp32 LoRA adapter named ``default`` to ``targets``."""
     from peft import LoraConfig
@@ -39,7 +51,10 @@ def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[s
     try:
         transformer.add_adapter(config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-        raise ApexError(f"model.lora.targets {targets}: {str(exc).splitlines()[0]}") from None
+        raise BadInput(
+            f"model.lora.targets {targets}: {str(exc).splitlines()[0]} Module names that exist in "
+            f"{type(transformer).__name__}: {', '.join(_layer_names(transformer))}"
+        ) from None
     for name, p in transformer.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -162,6 +177,26 @@ def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str |
     return dest
 
 
+def check_lora_file(path: Path) -> None:
+    """Refuse, with one line, a file that is not safetensors or whose keys are not a diffusers-format LoRA of the
+    denoiser (``transformer.<module>.lora_A.weight`` / ``.lora_B.weight``): diffusers would raise an IndexError, or
+    load nothing at all and let ``merge-lora`` write the base model unchanged."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise BadInput(f"{path}: not a safetensors file ({str(exc).splitlines()[0]})") from None
+    foreign = [k for k in keys if not (k.startswith("transformer.") and ".lora_" in k)]
+    if not keys or foreign:
+        found = f"{len(foreign)} of its {len(keys)} keys are not, e.g. {foreign[0]!r}" if keys else "no tensors"
+        raise BadInput(
+            f"{path}: not a LoRA of the denoiser in the diffusers format (keys 'transformer.<module>.lora_A.weight' "
+            f"and '.lora_B.weight'): {found}"
+        )
+
+
 def load_diffusers_lora(transformer: nn.Module, folder: str | Path, family: str) -> None:
     """Attach a diffusers-format LoRA folder (``transformer.``-prefixed keys) as the ``default`` adapter.
 
@@ -173,6 +208,7 @@ def load_diffusers_lora(transformer: nn.Module, folder: str | Path, family: str)
     folder = Path(folder)
     if not (folder / WEIGHT_NAME).is_file():
         raise BadInput(f"{folder}: no {WEIGHT_NAME} (a diffusers-format LoRA folder is expected)")
+    check_lora_file(folder / WEIGHT_NAME)
     marker = folder / LORA_MARKER
     if marker.is_file():
         made_for = json.loads(marker.read_text()).get("family")

@@ -12,14 +12,21 @@ from pathlib import Path
 import torch
 
 from apexctl.errors import ApexError, BadInput
-from apexctl.lora import WEIGHT_NAME
+from apexctl.lora import WEIGHT_NAME, check_lora_file
 from apexctl.recipe import torch_dtype
 
 DTYPES = ("fp32", "bf16", "fp16")
 
 
 def resolve_lora(lora: Path, base: str | None) -> tuple[Path, str]:
-    """(LoRA folder, base model) from a run folder (its recipe names the base) or a LoRA folder + ``--base``."""
+    """(LoRA folder, base model) from a run folder (its recipe names the base) or a LoRA folder + ``--base``;
+    the LoRA file is checked here, before the base model loads."""
+    folder, base = _resolve(lora, base)
+    check_lora_file(folder / WEIGHT_NAME)
+    return folder, base
+
+
+def _resolve(lora: Path, base: str | None) -> tuple[Path, str]:
     if (lora / "lora" / WEIGHT_NAME).is_file():  # a run folder
         if base is None:
             from apexctl.recipe import load_recipe

@@ -16,6 +16,7 @@ _EQUATIONS = {
 
 
 _GIB = 2**30
+_OPTIMIZERS = {"adamw": "AdamW", "adamw8bit": "AdamW 8-bit (bitsandbytes)"}
 
 
 def _transformer_config(r: Recipe) -> tuple[dict, Path | None, str] | None:
@@ -75,6 +76,8 @@ def count_on_meta(config: dict, lora=None, targets: list[str] | None = None) -> 
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora is not None else total
         return total, trainable
+    except BadInput:  # model.lora.targets that match no module: training would refuse them too
+        raise
     except Exception:  # an estimate only; never fail a dry run on it
         return None
 
@@ -134,7 +137,7 @@ def memory_lines(r: Recipe) -> list[str]:
     weights = frozen * dtype_bytes + trainable * 4
     grads = trainable * 4
     adam = trainable * (2 if t.optimizer == "adamw8bit" else 8)
-    ema = trainable * 4 if (t.ema_decay is not None or r.method.reference == "ema") else 0
+    ema = trainable * 4 if r.ema_decay is not None else 0
     # reference = base with full tuning: a frozen fp32 copy of the starting weights
     base = trainable * 4 if (r.method.reference == "base" and lora is None) else 0
     # critic = separate: a second copy of the trained parameters (LoRA: the adapter; the base is shared) with its
@@ -194,9 +197,12 @@ def describe_plan(r: Recipe) -> str:
             f"{t.micro_batch} × {t.grad_accum} × {h.processes} = {gb}"
         )
     lines.append(f"batch      {t.micro_batch} micro × {t.grad_accum} accum × {h.processes} processes = {gb} global")
+    ema = "none" if r.ema_decay is None else f"decay {r.ema_decay}"
+    if r.train.ema_decay is None and r.ema_decay is not None:
+        ema += " (for method.reference ema)"
     lines.append(
-        f"optimizer  AdamW lr {t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}), clip {t.max_grad_norm}, "
-        f"EMA {t.ema_decay}, {t.steps} steps"
+        f"optimizer  {_OPTIMIZERS[t.optimizer]} lr {t.lr} ({t.lr_schedule}, warmup {t.warmup_steps}), "
+        f"clip {t.max_grad_norm}, EMA {ema}, {t.steps} steps"
     )
     lines.append(
         f"hardware   device {h.device}, precision {h.precision}, strategy {h.strategy}, grad ckpt {h.gradient_checkpointing}"

@@ -12,7 +12,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from apexctl.errors import BadInput
+from apexctl.errors import BadInput, read_text
+from apexctl.recipe_method import (  # noqa: F401  (re-exported: the method sections are part of the recipe)
+    SECTIONS,
+    ApexMethod,
+    ApexPaperMethod,
+    FlowMatchingMethod,
+    MethodSpec,
+    Refused,
+    ShiftSpec,
+    TimeSpec,
+    flat_method,
+    switch_objective,
+)
 
 
 class _Strict(BaseModel):
@@ -105,63 +117,6 @@ class DataSpec(_Strict):
         return self
 
 
-class TimeSpec(_Strict):
-    kind: Literal["uniform", "logit_normal", "beta"] = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    beta_a: float = Field(1.0, gt=0)
-    beta_b: float = Field(1.0, gt=0)
-    one_step_prob: float = Field(0.0, ge=0.0, le=1.0)
-
-
-class ShiftSpec(_Strict):
-    a: float = -1.0
-    b: float = 0.0
-    mode: Literal["scalar", "diag"] = "scalar"
-    learnable: bool = False
-    site: Literal["projection", "embeddings"] = "projection"
-    lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier for a learnable a, b")
-
-
-class MethodSpec(_Strict):
-    objective: Literal["apex", "apex_paper", "flow_matching"] = "apex"
-    time: TimeSpec = TimeSpec()
-    shift: ShiftSpec = ShiftSpec()
-    # apex (DESIGN §5.2)
-    critic_time: TimeSpec = TimeSpec()
-    fm_t_max: float = Field(0.9, gt=0.0, le=1.0)
-    fm_weight: float = Field(1.0, ge=0.0)
-    fake_weight: float = Field(1.0, ge=0.0, description="λ_p")
-    rectify_weight: float = Field(0.5, ge=0.0, description="μ")
-    delta_clip: float | None = Field(1.0, gt=0.0, description="δ; null = no clamp")
-    reference: Literal["self", "ema", "base"] = Field(
-        "self",
-        description="F_ref in Δ: self (live, no grad) | ema | base (the starting model: LoRA adapters off, or a "
-        "frozen copy of the initial weights for full tuning)",
-    )
-    reference_guidance: float = Field(
-        1.0, ge=1.0, description="CFG scale of the reference in Δ (needs '' in the cache)"
-    )
-    critic: Literal["shifted", "separate"] = Field(
-        "shifted",
-        description="what plays the fake score in L_fake and Δ: shifted = F(u, s, c_fake) (APEX) | separate = a second "
-        "copy of the denoiser trained by L_fake with the real condition (DMD2-style baseline; training only)",
-    )
-    generator_steps: int = Field(
-        1,
-        ge=1,
-        description="N > 1: generator rows also train at τ ∈ {(N−1)/N, …, 1/N} on the student's re-noised samples "
-        "(sample with sample.method: few, sample.steps: N)",
-    )
-    # apex_paper (DESIGN §5.3)
-    mix_weight: float = Field(1.0, ge=0.0, description="λ_e")
-    lambda_mix: float = Field(0.5, ge=0.0, le=1.0)
-    fake_grad: bool = True
-    fake_noise: Literal["fresh", "shared"] = "fresh"
-    weighting: Literal["paper", "uniform"] = "paper"
-    weight_max: float = Field(10.0, gt=0.0)
-
-
 class TrainSpec(_Strict):
     steps: int = Field(1000, gt=0)
     micro_batch: int = Field(64, gt=0)
@@ -241,46 +196,65 @@ class OutputSpec(_Strict):
     )
 
 
+#: ``method.reference: ema`` without ``train.ema_decay``: the reference needs an EMA, kept with this decay
+REFERENCE_EMA_DECAY = 0.99
+
+
 class Recipe(_Strict):
     model: ModelSpec
     data: DataSpec = DataSpec()
-    method: MethodSpec = MethodSpec()
+    method: MethodSpec = Field(default_factory=ApexMethod)
     train: TrainSpec = TrainSpec()
     hardware: HardwareSpec = HardwareSpec()
     sample: SampleSpec = SampleSpec()
     output: OutputSpec = OutputSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), dict):
+            data = {**data, "method": flat_method(data["method"])}
+        return data
+
     @model_validator(mode="after")
-    def _method_combinations(self) -> Recipe:
-        m, fsdp = self.method, self.hardware.strategy == "fsdp"
+    def _combinations(self) -> Recipe:
+        m, hw = self.method, self.hardware
+        fsdp = hw.strategy == "fsdp"
+        if hw.offload and not fsdp:
+            raise Refused(
+                "hardware.offload",
+                f"hardware.offload = true offloads FSDP shards to the CPU, and hardware.strategy = '{hw.strategy}' "
+                "does not shard; set hardware.strategy = 'fsdp' or hardware.offload = false",
+            )
         if m.reference == "base" and self.model.lora is None and fsdp:
-            raise ValueError(
+            raise Refused(
+                "method.reference",
                 "method.reference = 'base' with full tuning keeps a frozen copy of the starting weights, which "
                 "hardware.strategy = 'fsdp' would have to shard; use model.lora (base = adapters off), strategy "
-                "'ddp', or another method.reference"
+                "'ddp', or another method.reference",
             )
-        if m.critic == "separate":
-            if m.objective != "apex":
-                raise ValueError(f"method.critic = 'separate' is for method.objective = 'apex', not '{m.objective}'")
-            if fsdp:
-                raise ValueError(
-                    "method.critic = 'separate' is not supported with hardware.strategy = 'fsdp' (the critic copy "
-                    "is not sharded); use strategy 'ddp', or method.critic = 'shifted'"
-                )
-            if m.shift.learnable:
-                raise ValueError(
-                    "method.critic = 'separate' does not use the condition shift; set method.shift.learnable = false"
-                )
-        if m.generator_steps > 1 and m.objective != "apex":
-            raise ValueError(f"method.generator_steps > 1 is for method.objective = 'apex', not '{m.objective}'")
+        if m.critic == "separate" and fsdp:
+            raise Refused(
+                "method.critic",
+                "method.critic = 'separate' is not supported with hardware.strategy = 'fsdp' (the critic copy "
+                "is not sharded); use strategy 'ddp', or method.critic = 'shifted'",
+            )
         return self
+
+    @property
+    def ema_decay(self) -> float | None:
+        """The decay of the EMA training keeps: ``train.ema_decay``; else :data:`REFERENCE_EMA_DECAY` when
+        ``method.reference`` is ``ema`` (the reference reads the EMA); else None (no EMA)."""
+        if self.train.ema_decay is not None:
+            return self.train.ema_decay
+        return REFERENCE_EMA_DECAY if self.method.reference == "ema" else None
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for i, k in enumerate(keys[:-1]):
@@ -288,7 +262,7 @@ def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
         if nxt is None:
             nxt = node[k] = {}
         elif not isinstance(nxt, dict):
-            raise BadInput(f"{source}: --set {dotted}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
+            raise BadInput(f"--set {dotted}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
         node = nxt
     node[keys[-1]] = value
 
@@ -313,58 +287,104 @@ def _allowed(err: dict) -> str:
     if "expected" in ctx:
         return f"expected {ctx['expected']}"
     msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        return "unknown key"
     return msg[0].lower() + msg[1:] if msg else msg
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> str:
-    """The keys the section at ``loc`` accepts (for unknown-key messages)."""
+def _section(model: Any, loc: tuple) -> Any:
+    """The model class of the section at ``loc`` (the method union resolved by its tag), or None."""
     cls: Any = model
-    for part in loc[:-1]:
+    for part in loc:
+        if cls is Recipe and part == "method":
+            cls = SECTIONS
+            continue
+        if isinstance(cls, dict):  # the method union: the tag names the section
+            cls = cls.get(part)
+            continue
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         ann = getattr(field, "annotation", None)
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return ""
+            return None
         cls = ann
-    return ", ".join(cls.model_fields)
+    return cls if isinstance(cls, type) else None
 
 
-def validate_recipe(tree: dict, source: str = "recipe") -> Recipe:
+def _key_path(loc: tuple) -> str:
+    """Dotted key path of an error location; the method union's tag (``method.apex.x``) is not a key."""
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] == "method" and parts[1] in SECTIONS:
+        del parts[1]
+    return ".".join(parts)
+
+
+def _blame(path: str, source: str, overrides: dict[str, str]) -> str:
+    """``--set KEY=VALUE`` when that override set the key at fault (or a section around it), else the file."""
+    for key, text in overrides.items():
+        if path and (path == key or path.startswith(key + ".") or key.startswith(path + ".")):
+            return f"--set {text}"
+    return source
+
+
+def validate_recipe(tree: dict, source: str = "recipe", overrides: dict[str, str] | None = None) -> Recipe:
+    """A recipe from its YAML tree; any bad value → one-line :class:`BadInput` naming the key and what is allowed,
+    blamed on ``--set KEY=VALUE`` when one of ``overrides`` (key → its ``--set`` text) set that key."""
+    overrides = overrides or {}
     try:
         return Recipe.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
+        path = _key_path(loc)
+        more = f" (and {len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
         if err["type"] == "extra_forbidden":
-            keys = _allowed_keys(Recipe, loc)
-            raise BadInput(f"{source}: unknown key '{path}'" + (f"; allowed here: {keys}" if keys else "")) from None
+            section = _section(Recipe, loc[:-1])
+            keys = ", ".join(section.model_fields) if section is not None else ""
+            where = _blame(path, source, overrides)
+            raise BadInput(f"{where}: unknown key '{path}'" + (f"; allowed here: {keys}" if keys else "")) from None
         if err["type"] == "missing":
             raise BadInput(f"{source}: missing required key '{path}'") from None
-        more = f" (and {len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
-        if err["type"] == "value_error":  # a cross-field check: its message already names the keys
+        if err["type"] == "union_tag_invalid":  # method.objective
+            path = f"{path}.objective" if path else "objective"
+            expected = err["ctx"]["expected_tags"].rsplit(", ", 1)
+            allowed = " or ".join(expected)
+            value = err["ctx"]["tag"]
+            raise BadInput(f"{_blame(path, source, overrides)}: {path} = {value!r}: expected {allowed}") from None
+        if err["type"] == "value_error":  # a cross-key check: its message already names the keys
             msg = err["msg"].removeprefix("Value error, ")
-            raise BadInput(f"{source}: {msg}{more}") from None
+            cause = (err.get("ctx") or {}).get("error")
+            where = _blame(getattr(cause, "path", ""), source, overrides)
+            raise BadInput(f"{where}: {msg}{more}") from None
         value = err.get("input")
-        more = f" (and {len(exc.errors()) - 1} more error(s))" if len(exc.errors()) > 1 else ""
-        raise BadInput(f"{source}: {path} = {value!r}: {_allowed(err)}{more}") from None
+        raise BadInput(f"{_blame(path, source, overrides)}: {path} = {value!r}: {_allowed(err)}{more}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``--set`` overrides, validate strictly."""
+    """Read a YAML recipe, apply ``--set`` overrides, validate strictly.
+
+    ``--set method.objective=X`` on a recipe written for another objective drops the file's keys that X has not
+    (they configure the objective being replaced); keys given with ``--set`` are always checked."""
     p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"recipe {p}: is a directory (expected a YAML file, e.g. recipes/digits.yaml)")
     if not p.is_file():
         raise BadInput(f"recipe not found: {p}")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = yaml.safe_load(read_text(p, "recipe")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise BadInput(f"{p}:{where} is not valid YAML") from None
     if not isinstance(tree, dict):
         raise BadInput(f"{p}: a recipe must be a mapping of sections (model, data, method, train, ...)")
+    method = tree.get("method")
+    file_keys = set(method) if isinstance(method, dict) else set()
+    file_objective = method.get("objective", "apex") if isinstance(method, dict) else "apex"
+    given: dict[str, str] = {}
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_path(tree, key, value, str(p))
-    return validate_recipe(tree, str(p))
+        _set_path(tree, key, value)
+        given[key] = item
+    method = tree.get("method")
+    if "method.objective" in given and isinstance(method, dict) and method.get("objective") != file_objective:
+        set_keys = {k.split(".")[1] for k in given if k.startswith("method.")}
+        switch_objective(method, file_keys, set_keys)
+    return validate_recipe(tree, str(p), given)

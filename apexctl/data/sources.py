@@ -127,6 +127,10 @@ class FolderSource(Source):
                     (index, f"metadata.jsonl line {n + 1}", "bad metadata line (needs JSON with file_name)")
                 )
                 continue
+            if not isinstance(name, str) or not name.strip():  # null, a number, "": not a file (was item "None")
+                why = f"file_name = {json.dumps(name)} (needs the image's file name)"
+                rejected.append((index, f"metadata.jsonl line {n + 1}", f"bad metadata line: {why}"))
+                continue
             seen_text = seen_text or spec.text_column in row
             items.append(Item(index, str(name), (_text(row.get(spec.text_column)),), ref=str(name)))
         if items and not seen_text:

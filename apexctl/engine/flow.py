@@ -7,10 +7,11 @@ endpoint estimate ``x̂ = x_t − t·F``; noise estimate ``ẑ = x_t + (1−t)·
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from apexctl.engine.config import TimeSampler  # its knobs live in the torch-free config module; re-exported here
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,44 +40,26 @@ def noise_estimate(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch
     return x_t + (1.0 - _bcast(t, x_t)) * v
 
 
-@dataclass(frozen=True)
-class TimeSampler:
-    """Draws t ∈ [0, t_max]. ``kind``:
-
-    - ``uniform``: t ~ U(0, 1)
-    - ``logit_normal``: t = sigmoid(m + s·n), n ~ N(0, 1)
-    - ``beta``: t ~ Beta(α, β)
-
-    then ``t ← t_max·t``, and each row independently is set to exactly 1 with probability ``one_step_prob``
-    (the one-step regime the student is used in).
-    """
-
-    kind: Literal["uniform", "logit_normal", "beta"] = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    beta_a: float = 1.0
-    beta_b: float = 1.0
-    t_max: float = 1.0
-    one_step_prob: float = 0.0
-
-    def __call__(
-        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.kind == "uniform":
-            t = torch.rand(n, generator=generator)
-        elif self.kind == "logit_normal":
-            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator))
-        elif self.kind == "beta":
-            # Beta via two Gammas keeps the draw on our generator (torch.distributions ignores generators).
-            ga = torch._standard_gamma(torch.full((n,), float(self.beta_a)), generator=generator)
-            gb = torch._standard_gamma(torch.full((n,), float(self.beta_b)), generator=generator)
-            t = ga / (ga + gb)
-        else:  # pragma: no cover - guarded by the recipe schema
-            raise ValueError(f"unknown time sampler {self.kind!r}")
-        t = t * self.t_max
-        if self.one_step_prob > 0:
-            t = torch.where(torch.rand(n, generator=generator) < self.one_step_prob, torch.ones_like(t), t)
-        return t.to(device)
+def sample_times(
+    ts: TimeSampler, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``n`` draws of p(t) as ``ts`` describes it (:class:`~apexctl.engine.config.TimeSampler`, whose
+    ``__call__`` lands here), on ``generator`` and then moved to ``device``."""
+    if ts.kind == "uniform":
+        t = torch.rand(n, generator=generator)
+    elif ts.kind == "logit_normal":
+        t = torch.sigmoid(ts.logit_mean + ts.logit_std * torch.randn(n, generator=generator))
+    elif ts.kind == "beta":
+        # Beta via two Gammas keeps the draw on our generator (torch.distributions ignores generators).
+        ga = torch._standard_gamma(torch.full((n,), float(ts.beta_a)), generator=generator)
+        gb = torch._standard_gamma(torch.full((n,), float(ts.beta_b)), generator=generator)
+        t = ga / (ga + gb)
+    else:  # pragma: no cover - guarded by the recipe schema
+        raise ValueError(f"unknown time sampler {ts.kind!r}")
+    t = t * ts.t_max
+    if ts.one_step_prob > 0:
+        t = torch.where(torch.rand(n, generator=generator) < ts.one_step_prob, torch.ones_like(t), t)
+    return t.to(device)
 
 
 def loss_weight(t: torch.Tensor, kind: Literal["paper", "uniform"] = "paper", weight_max: float = 10.0) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Training objectives (DESIGN §5.2–5.4). Each returns the total loss and every term by name.
 
+Each objective's knobs are a dataclass of :mod:`apexctl.engine.config`, the one source of their defaults (the
+recipe's method sections read them).
+
 Notation: F(x_t, t, c) is the network; ``c_fake`` is the shifted condition (engine/shift.py); sg = stop-gradient.
 Every squared error is averaged over all dims and the batch.
 """
@@ -8,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from apexctl.engine.cond import Cond
+from apexctl.engine.config import ApexConfig, ApexPaperConfig, FlowMatchingConfig  # the knobs (re-exported)
 from apexctl.engine.denoiser import Denoiser
-from apexctl.engine.flow import TimeSampler, endpoint, interpolate, loss_weight, mse_per_row, velocity_target
+from apexctl.engine.flow import endpoint, interpolate, loss_weight, mse_per_row, velocity_target
 from apexctl.engine.shift import ConditionShift
 
 
@@ -55,11 +58,6 @@ def _all(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, dtype=torch.bool, device=device)
 
 
-@dataclass(frozen=True)
-class FlowMatchingConfig:
-    time: TimeSampler = TimeSampler()
-
-
 def flow_matching(
     net: Net, x: torch.Tensor, cond: Cond, cfg: FlowMatchingConfig, generator: torch.Generator | None = None
 ) -> LossOut:
@@ -68,20 +66,6 @@ def flow_matching(
     t = cfg.time(x.shape[0], x.device, generator)
     loss = _mse(net(interpolate(x, z, t), t, cond), velocity_target(x, z))
     return LossOut(loss, {"fm": loss.detach()})
-
-
-@dataclass(frozen=True)
-class ApexConfig:
-    """Knobs of ``apex`` (DESIGN §5.2). ``fm_time`` carries fm_t_max; ``critic_time`` is p(s)."""
-
-    fm_time: TimeSampler = TimeSampler(t_max=0.9)
-    critic_time: TimeSampler = TimeSampler()
-    fm_weight: float = 1.0
-    fake_weight: float = 1.0  # λ_p
-    rectify_weight: float = 0.5  # μ
-    delta_clip: float | None = 1.0  # δ; None = no clamp
-    reference_guidance: float = 1.0  # > 1: F_ref is the family's CFG of F_ref(c) and F_ref(∅) (needs ``uncond``)
-    generator_steps: int = 1  # N: generator rows at τ on the few-step grid {1, (N−1)/N, …, 1/N}
 
 
 def _generator_inputs(
@@ -197,20 +181,6 @@ def apex(
             "delta_abs": delta.abs().mean(),
         },
     )
-
-
-@dataclass(frozen=True)
-class ApexPaperConfig:
-    """Knobs of ``apex_paper`` (DESIGN §5.3)."""
-
-    time: TimeSampler = TimeSampler(one_step_prob=0.25)
-    fake_weight: float = 1.0  # λ_p
-    mix_weight: float = 1.0  # λ_e
-    lambda_mix: float = 0.5  # inner λ
-    fake_grad: bool = True
-    fake_noise: Literal["fresh", "shared"] = "fresh"
-    weighting: Literal["paper", "uniform"] = "paper"
-    weight_max: float = 10.0
 
 
 def apex_paper(

@@ -1,0 +1,258 @@
+"""The recipe's ``method`` section: one strict, typed section per objective, chosen by ``method.objective``.
+
+The YAML stays flat (``method: {objective: apex, fm_t_max: 0.9, ...}``); :data:`MethodSpec` is a pydantic union
+discriminated on ``objective`` (``apex`` when left out). Each section holds only its own objective's keys, takes
+every knob default from that objective's engine dataclass (:mod:`apexctl.engine.config`, the one source of
+defaults) and builds the engine config directly (:meth:`ApexMethod.config` etc.).
+
+Another objective's key under ``method`` is refused (:func:`flat_method`), except in what an older apexctl wrote:
+its ``RUN/recipe.yaml`` listed every key of every objective (:data:`FLAT_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from apexctl.engine.config import ApexConfig, ApexPaperConfig, FlowMatchingConfig, TimeSampler
+
+_TS, _FM, _APEX, _PAPER = TimeSampler(), FlowMatchingConfig(), ApexConfig(), ApexPaperConfig()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Refused(ValueError):
+    """A cross-key check failed; ``path`` is the key at fault (``--set`` of that key gets the blame)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class TimeSpec(_Strict):
+    """p(t): the knobs of :class:`~apexctl.engine.config.TimeSampler` but ``t_max`` (the objective sets it)."""
+
+    kind: Literal["uniform", "logit_normal", "beta"] = _TS.kind
+    logit_mean: float = _TS.logit_mean
+    logit_std: float = Field(_TS.logit_std, gt=0)
+    beta_a: float = Field(_TS.beta_a, gt=0)
+    beta_b: float = Field(_TS.beta_b, gt=0)
+    one_step_prob: float = Field(_TS.one_step_prob, ge=0.0, le=1.0)
+
+    @classmethod
+    def of(cls, sampler: TimeSampler) -> TimeSpec:
+        return cls(**{k: getattr(sampler, k) for k in cls.model_fields})
+
+    def sampler(self, t_max: float) -> TimeSampler:
+        return TimeSampler(**self.model_dump(), t_max=t_max)
+
+
+def _time(sampler: TimeSampler) -> Any:
+    return Field(default_factory=lambda: TimeSpec.of(sampler))
+
+
+class ShiftSpec(_Strict):
+    a: float = -1.0
+    b: float = 0.0
+    mode: Literal["scalar", "diag"] = "scalar"
+    learnable: bool = False
+    site: Literal["projection", "embeddings"] = "projection"
+    lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier for a learnable a, b")
+
+
+class _NoReference:
+    """What the trainer asks of every objective, for those without the key: no reference, no separate critic."""
+
+    @property
+    def reference(self) -> Literal["self"]:
+        return "self"
+
+    @property
+    def critic(self) -> Literal["shifted"]:
+        return "shifted"
+
+
+class FlowMatchingMethod(_NoReference, _Strict):
+    """``flow_matching`` (docs/design.md §5.4): L = ‖F(x_t, t, c) − (z − x)‖²."""
+
+    objective: Literal["flow_matching"] = "flow_matching"
+    time: TimeSpec = _time(_FM.time)
+
+    @property
+    def shift(self) -> ShiftSpec:
+        """No condition shift is applied; the trainer's (unused) one is the default, so every run's checkpoint
+        holds the same objects."""
+        return ShiftSpec()
+
+    def config(self) -> FlowMatchingConfig:
+        return FlowMatchingConfig(time=self.time.sampler(_FM.time.t_max))
+
+
+class ApexMethod(_Strict):
+    """``apex`` (docs/design.md §5.2): the shifted branch as the model's own critic."""
+
+    objective: Literal["apex"] = "apex"
+    time: TimeSpec = _time(_APEX.fm_time)
+    shift: ShiftSpec = ShiftSpec()
+    critic_time: TimeSpec = _time(_APEX.critic_time)
+    fm_t_max: float = Field(_APEX.fm_time.t_max, gt=0.0, le=1.0)
+    fm_weight: float = Field(_APEX.fm_weight, ge=0.0)
+    fake_weight: float = Field(_APEX.fake_weight, ge=0.0, description="λ_p")
+    rectify_weight: float = Field(_APEX.rectify_weight, ge=0.0, description="μ")
+    delta_clip: float | None = Field(_APEX.delta_clip, gt=0.0, description="δ; null = no clamp")
+    reference: Literal["self", "ema", "base"] = Field(
+        "self",
+        description="F_ref in Δ: self (live, no grad) | ema | base (the starting model: LoRA adapters off, or a "
+        "frozen copy of the initial weights for full tuning)",
+    )
+    reference_guidance: float = Field(
+        _APEX.reference_guidance, ge=1.0, description="CFG scale of the reference in Δ (needs '' in the cache)"
+    )
+    critic: Literal["shifted", "separate"] = Field(
+        "shifted",
+        description="what plays the fake score in L_fake and Δ: shifted = F(u, s, c_fake) (APEX) | separate = a second "
+        "copy of the denoiser trained by L_fake with the real condition (DMD2-style baseline; training only)",
+    )
+    generator_steps: int = Field(
+        _APEX.generator_steps,
+        ge=1,
+        description="N > 1: generator rows also train at τ ∈ {(N−1)/N, …, 1/N} on the student's re-noised samples "
+        "(sample with sample.method: few, sample.steps: N)",
+    )
+
+    @model_validator(mode="after")
+    def _separate_has_no_shift(self) -> ApexMethod:
+        if self.critic == "separate":
+            default = ShiftSpec()
+            for key in ShiftSpec.model_fields:
+                if getattr(self.shift, key) != getattr(default, key):
+                    raise Refused(
+                        f"method.shift.{key}",
+                        f"method.shift.{key} = {getattr(self.shift, key)!r}: method.critic = 'separate' does not use "
+                        "the condition shift (the critic reads the real condition); remove method.shift",
+                    )
+        return self
+
+    def config(self) -> ApexConfig:
+        return ApexConfig(
+            fm_time=self.time.sampler(self.fm_t_max),
+            critic_time=self.critic_time.sampler(_APEX.critic_time.t_max),
+            fm_weight=self.fm_weight,
+            fake_weight=self.fake_weight,
+            rectify_weight=self.rectify_weight,
+            delta_clip=self.delta_clip,
+            reference_guidance=self.reference_guidance,
+            generator_steps=self.generator_steps,
+        )
+
+
+class ApexPaperMethod(_NoReference, _Strict):
+    """``apex_paper`` (docs/design.md §5.3): the paper's L_fake + L_mix as written."""
+
+    objective: Literal["apex_paper"] = "apex_paper"
+    time: TimeSpec = _time(_PAPER.time)
+    shift: ShiftSpec = ShiftSpec()
+    fake_weight: float = Field(_PAPER.fake_weight, ge=0.0, description="λ_p")
+    mix_weight: float = Field(_PAPER.mix_weight, ge=0.0, description="λ_e")
+    lambda_mix: float = Field(_PAPER.lambda_mix, ge=0.0, le=1.0)
+    fake_grad: bool = _PAPER.fake_grad
+    fake_noise: Literal["fresh", "shared"] = _PAPER.fake_noise
+    weighting: Literal["paper", "uniform"] = _PAPER.weighting
+    weight_max: float = Field(_PAPER.weight_max, gt=0.0)
+
+    def config(self) -> ApexPaperConfig:
+        return ApexPaperConfig(
+            time=self.time.sampler(_PAPER.time.t_max),
+            fake_weight=self.fake_weight,
+            mix_weight=self.mix_weight,
+            lambda_mix=self.lambda_mix,
+            fake_grad=self.fake_grad,
+            fake_noise=self.fake_noise,
+            weighting=self.weighting,
+            weight_max=self.weight_max,
+        )
+
+
+MethodSpec = Annotated[ApexMethod | ApexPaperMethod | FlowMatchingMethod, Field(discriminator="objective")]
+SECTIONS: dict[str, type[_Strict]] = {
+    "apex": ApexMethod,
+    "apex_paper": ApexPaperMethod,
+    "flow_matching": FlowMatchingMethod,
+}
+
+#: Legacy: what ``Recipe.dump()`` wrote under ``method`` before the typed sections — every key of every objective,
+#: these values when left at their defaults. Frozen (it records an old file format, it is not a source of defaults).
+_T0 = {"kind": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "beta_a": 1.0, "beta_b": 1.0, "one_step_prob": 0.0}
+FLAT_DEFAULTS: dict[str, Any] = {
+    "time": _T0,
+    "shift": {"a": -1.0, "b": 0.0, "mode": "scalar", "learnable": False, "site": "projection", "lr_scale": 1.0},
+    "critic_time": _T0,
+    "fm_t_max": 0.9,
+    "fm_weight": 1.0,
+    "fake_weight": 1.0,
+    "rectify_weight": 0.5,
+    "delta_clip": 1.0,
+    "reference": "self",
+    "reference_guidance": 1.0,
+    "critic": "shifted",
+    "generator_steps": 1,
+    "mix_weight": 1.0,
+    "lambda_mix": 0.5,
+    "fake_grad": True,
+    "fake_noise": "fresh",
+    "weighting": "paper",
+    "weight_max": 10.0,
+}
+
+
+def _same(value: Any, old: Any) -> bool:
+    if isinstance(old, dict):
+        return isinstance(value, dict) and all(k in old and _same(v, old[k]) for k, v in value.items())
+    return isinstance(value, bool) == isinstance(old, bool) and value == old
+
+
+def owners(key: str) -> list[str]:
+    """The objectives whose section has ``key``."""
+    return [name for name, section in SECTIONS.items() if key in section.model_fields]
+
+
+def flat_method(method: dict) -> dict:
+    """The ``method`` mapping of a recipe file, checked: ``objective`` filled in (``apex``), and a key of another
+    objective refused with one line naming the key and the objectives it belongs to.
+
+    Legacy shim: an old ``RUN/recipe.yaml`` lists every objective's keys (:data:`FLAT_DEFAULTS`). A key of another
+    objective is dropped when it holds the old default, or when the section lists every old key (a whole old dump:
+    that run's trainer ignored the key, so dropping it loads the run as it was trained).
+    """
+    objective = method.get("objective", "apex")
+    section = SECTIONS.get(objective) if isinstance(objective, str) else None
+    if section is None:
+        return method  # pydantic names the allowed objectives
+    old_dump = set(FLAT_DEFAULTS) <= set(method)
+    out: dict[str, Any] = {"objective": objective}
+    for key, value in method.items():
+        belongs = owners(key)
+        if key in section.model_fields or not belongs:
+            out[key] = value  # an unknown key stays for pydantic, whose message lists the allowed ones
+        elif not (old_dump or (key in FLAT_DEFAULTS and _same(value, FLAT_DEFAULTS[key]))):
+            where = " or ".join(f"'{o}'" for o in belongs)
+            raise Refused(
+                f"method.{key}",
+                f"method.{key} = {value!r} is a key of method.objective {where}, not '{objective}': remove it "
+                f"(allowed here: {', '.join(section.model_fields)})",
+            )
+    return out
+
+
+def switch_objective(method: dict, file_keys: set[str], set_keys: set[str]) -> None:
+    """``--set method.objective=X`` replaced the file's objective: drop the file's keys that X has not (they were
+    the old objective's settings). Keys given with ``--set`` stay, and are checked like any other."""
+    section = SECTIONS.get(method.get("objective", "apex"))
+    if section is None:
+        return
+    for key in list(method):
+        if key in file_keys and key not in set_keys and key not in section.model_fields:
+            del method[key]

@@ -1,0 +1,32 @@
+"""The recipe's objective as a ``(net, x, cond, generator=...) -> LossOut`` callable (docs/design.md §5).
+
+Each objective's engine config is built from its own ``method`` section (:meth:`ApexMethod.config` etc.), whose
+defaults are the engine dataclasses' (:mod:`apexctl.engine.config`): one source of defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from apexctl.engine.config import TimeSampler
+from apexctl.engine.objectives import Critic, LossOut, Reference, apex, apex_paper, flow_matching
+from apexctl.recipe import Recipe, TimeSpec
+
+Objective = Callable[..., LossOut]
+
+
+def time_sampler(spec: TimeSpec, t_max: float = 1.0) -> TimeSampler:
+    """The engine's p(t) for a recipe ``time`` section, on [0, t_max]."""
+    return spec.sampler(t_max)
+
+
+def build_objective(recipe: Recipe, reference: Reference | None = None, critic: Critic | None = None) -> Objective:
+    """``(net, x, cond) -> LossOut`` for the recipe's objective. ``reference`` (F_ref) and ``critic`` (the separate
+    critic's forward, ``method.critic: separate``) are the trainer's closures; only ``apex`` takes them."""
+    m = recipe.method
+    if m.objective == "flow_matching":
+        return partial(flow_matching, cfg=m.config())
+    if m.objective == "apex_paper":
+        return partial(apex_paper, cfg=m.config())
+    return partial(apex, cfg=m.config(), reference=reference, critic=critic)
