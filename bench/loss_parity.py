@@ -27,7 +27,9 @@ CONFIGS: dict[str, dict] = {
     "flow_matching": {"method": {"objective": "flow_matching"}},
     "apex": {"method": {"objective": "apex"}},
     "apex_ema_ref": {"method": {"objective": "apex", "reference": "ema"}, "train": {"ema_decay": 0.9}},
-    "apex_separate": {"method": {"objective": "apex", "critic": "separate", "shift": {"a": 1.0}}},
+    # no shift: a separate critic reads the real condition (the recipe refuses a shift with it; the baseline's
+    # shift a = 1 here was a no-op, never applied)
+    "apex_separate": {"method": {"objective": "apex", "critic": "separate"}},
     "apex_gen2": {"method": {"objective": "apex", "generator_steps": 2}},
     "apex_lora_base": {"method": {"objective": "apex", "reference": "base"}, "model": {"lora": {"rank": 4}}},
     "apex_learnable": {"method": {"objective": "apex", "shift": {"learnable": True, "mode": "diag"}}},
