@@ -8,13 +8,14 @@ An adapter translates to its family's native layout (packing), timestep scale an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from apexctl.engine.cond import Cond
-from apexctl.hub import link_tree, quiet_hub_progress, write_json
+from apexctl.hub import quiet_hub_progress, write_json
 
 __all__ = ["Backbone", "Cond", "PixelCodec", "ScaledKLCodec"]
 
@@ -64,29 +65,6 @@ class Backbone(ABC, nn.Module):
         with atomic_dir(dest) as tmp, quiet_hub_progress():
             self._write_components(tmp, src, dest)
             write_json(tmp / MODEL_MARKER, {"family": self.family})
-
-    def _place_components(self, out: Path, src: Path | None, dest: Path, frozen: dict) -> None:
-        """Save the transformer and scheduler; hard-link each frozen component from ``src`` when it has it, else save
-        it from memory (a component neither loaded nor in ``src`` is a one-line error)."""
-        from apexctl.errors import BadInput
-
-        self.transformer.save_pretrained(out / "transformer")
-        self.scheduler.save_pretrained(out / "scheduler")
-        for name, component in frozen.items():
-            if src is not None and (src / name).is_dir():
-                link_tree(src / name, out / name)
-            elif component is not None:
-                component.save_pretrained(out / name)
-            else:
-                raise BadInput(f"{dest}: cannot write {name}/: it was not loaded and no local source folder has it")
-
-    def _write_index(self, out: Path, components: dict) -> None:
-        """``model_index.json`` for ``pipeline_class`` (what stock ``DiffusionPipeline.from_pretrained`` reads)."""
-        import diffusers
-
-        index = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers.__version__}
-        index.update({k: list(v) for k, v in components.items()})
-        write_json(out / "model_index.json", index)
 
     @abstractmethod
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
@@ -198,6 +176,11 @@ class Backbone(ABC, nn.Module):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    def native_size(self) -> int | None:
+        """The image side (pixels) the family's stock pipeline draws when given no height/width; None: unknown.
+        ``apexctl sample`` uses it when neither ``--size`` nor a recipe gives one."""
+        return None
+
 
 class PixelCodec(nn.Module):
     """Identity "codec" for pixel-space models (the embedded digits default): latents are the pixels in [−1, 1].
@@ -246,15 +229,12 @@ class PixelCodec(nn.Module):
 
 class ScaledKLCodec:
     """Mixin for families whose codec is an ``AutoencoderKL`` normalised by ``scaling_factor`` / ``shift_factor``
-    (SD3, FLUX, Z-Image): latents = (mode − shift) · scale, decode = vae.decode(latents / scale + shift)."""
+    (SD3, FLUX, Z-Image): latents = (mode − shift) · scale, decode = vae.decode(latents / scale + shift). The host
+    class provides ``_require_codec`` (``PipelineBackbone`` does)."""
 
     codec: nn.Module | None
     codec_config: dict
-
-    def _require_codec(self) -> nn.Module:
-        if self.codec is None:
-            raise RuntimeError(f"this {type(self).__name__} was loaded without its codec (load_codec=False)")
-        return self.codec
+    _require_codec: Callable[[], nn.Module]
 
     def _scale_shift(self) -> tuple[float, float]:
         shift = self.codec_config.get("shift_factor")

@@ -22,31 +22,14 @@ diffusers / transformers are imported inside the functions that need them, so ``
 
 from __future__ import annotations
 
-import copy
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from apexctl.errors import BadInput
-from apexctl.hub import load_component, load_tokenizer
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec
-
-#: model_index.json entries (the layout of the hub FLUX.1-schnell / FLUX.1-dev repositories)
-_COMPONENTS = {
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "text_encoder": ("transformers", "CLIPTextModel"),
-    "text_encoder_2": ("transformers", "T5EncoderModel"),
-    "tokenizer": ("transformers", "CLIPTokenizer"),
-    "tokenizer_2": ("transformers", "T5TokenizerFast"),
-    "transformer": ("diffusers", "FluxTransformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-}
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-_TOKENIZERS = ("tokenizer", "tokenizer_2")
+from apexctl.models.base import Cond, ScaledKLCodec
+from apexctl.models.components import Part, PipelineBackbone, prompt_list
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -71,13 +54,24 @@ def latent_image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxBackbone(ScaledKLCodec, Backbone):
+class FluxBackbone(ScaledKLCodec, PipelineBackbone):
     """FLUX.1 schnell / dev (``FluxPipeline``'s components). ``transformer`` is trainable; the CLIP and T5 text
     encoders and the VAE are frozen. Text encoders / codec may be ``None`` when loaded without them."""
 
     family = "flux"
     projection_cancels_scalar_bias = True  # the text stream is read through LayerNorms only
     pipeline_class = "FluxPipeline"
+    #: the layout of the hub FLUX.1-schnell / FLUX.1-dev repositories
+    components = (
+        Part("transformer", "diffusers", "FluxTransformer2DModel"),
+        Part("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
+        Part("text_encoder", "transformers", "CLIPTextModel"),
+        Part("text_encoder_2", "transformers", "T5EncoderModel"),
+        Part("tokenizer", "transformers", "CLIPTokenizer", min_tokens=10),
+        Part("tokenizer_2", "transformers", "T5TokenizerFast", min_tokens=10),
+        Part("vae", "diffusers", "AutoencoderKL"),
+    )
+    absent_parts = ("image_encoder", "feature_extractor")
     comfyui = True
     lora_targets = [
         "to_q",
@@ -94,139 +88,28 @@ class FluxBackbone(ScaledKLCodec, Backbone):
     #: FluxPipeline.__call__'s default max_sequence_length (T5 tokens)
     max_sequence_length = 512
 
-    def __init__(
-        self,
-        transformer: nn.Module,
-        scheduler: Any,
-        *,
-        text_encoder: nn.Module | None = None,
-        text_encoder_2: nn.Module | None = None,
-        tokenizer: Any = None,
-        tokenizer_2: Any = None,
-        codec: nn.Module | None = None,
-        codec_config: dict | None = None,
-        embedded_guidance: float = 3.5,
-    ):
-        """``codec_config``: the VAE config dict; taken from ``codec`` when not given. ``embedded_guidance``: the
-        distilled guidance value dev models take as input (the pipeline's ``guidance_scale``); unused by schnell."""
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.text_encoder_2 = text_encoder_2
-        self.codec = codec
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = tokenizer_2
-        self.scheduler = scheduler
+    def __init__(self, transformer: nn.Module, scheduler: Any, *, embedded_guidance: float = 3.5, **parts: Any):
+        """``embedded_guidance``: the distilled guidance value dev models take as input (the pipeline's
+        ``guidance_scale``); unused by schnell. ``parts``: as ``PipelineBackbone``."""
+        super().__init__(transformer, scheduler, **parts)
         self.embedded_guidance = float(embedded_guidance)
-        self._finish_init(codec, codec_config)
-
-    def _frozen(self) -> list[nn.Module]:
-        return [m for m in (self.text_encoder, self.text_encoder_2, self.codec) if m is not None]
 
     @property
     def guidance_embeds(self) -> bool:
         """True for guidance-distilled (dev) transformers, which take ``embedded_guidance`` as an input."""
         return bool(self.transformer.config.get("guidance_embeds", False))
 
-    # -- loading / saving ---------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        load_text_encoder: bool = True,
-        load_codec: bool = True,
-        embedded_guidance: float = 3.5,
-    ) -> FluxBackbone:
-        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
-
-        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or a tokenizer is empty.
-        """
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        path = str(path)
-
-        load = partial(load_component, path)
-
-        transformer = load(
-            "transformer",
-            lambda: FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
-        )
-        scheduler = load(
-            "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        )
-
-        text: dict[str, Any] = {}
-        if load_text_encoder:
-            text["text_encoder"] = load(
-                "text_encoder", lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-            )
-            text["text_encoder_2"] = load(
-                "text_encoder_2", lambda: T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
-            )
-            text["tokenizer"] = load_tokenizer(
-                path, "tokenizer", lambda: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=10
-            )
-            text["tokenizer_2"] = load_tokenizer(
-                path,
-                "tokenizer_2",
-                lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2"),
-                min_tokens=10,
-            )
-
-        codec = None
-        if load_codec:
-            codec = load("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype))
-            codec_config = dict(codec.config)
-        else:
-            codec_config = dict(load("vae", lambda: AutoencoderKL.load_config(path, subfolder="vae")))
-        return cls(
-            transformer,
-            scheduler,
-            codec=codec,
-            codec_config=codec_config,
-            embedded_guidance=embedded_guidance,
-            **text,
-        )
-
-    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        frozen: dict[str, Any] = {name: getattr(self, name) for name in (*_TEXT_ENCODERS, *_TOKENIZERS)}
-        frozen["vae"] = self.codec
-        self._place_components(out, src, dest, frozen)
-        self._write_index(out, {**_COMPONENTS, "image_encoder": (None, None), "feature_extractor": (None, None)})
-
     # -- conditioning --------------------------------------------------------------------------------------------
-    def _text_pipeline(self):
-        from diffusers import FluxPipeline
-
-        if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError("this Flux backbone was loaded without its text encoders")
-        # A components-only pipeline (no VAE): its own CLIP/T5 tokenisation and padding encode prompts.
-        return FluxPipeline(
-            scheduler=self.scheduler,
-            vae=None,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-            transformer=self.transformer,
-        )
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """``FluxPipeline.encode_prompt`` → ``Cond(prompt_embeds, mask = ones, pooled_prompt_embeds)``.
 
         ``embeds [B, max_sequence_length, joint_attention_dim]`` (T5), ``pooled [B, pooled_projection_dim]`` (CLIP).
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        device = next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
         embeds, pooled, _ = self._text_pipeline().encode_prompt(
-            prompt=list(prompts),
+            prompt=prompt_list(prompts),
             prompt_2=None,
-            device=device,
+            device=self._text_device(),
             max_sequence_length=self.max_sequence_length,
         )
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -246,9 +129,7 @@ class FluxBackbone(ScaledKLCodec, Backbone):
 
     # -- images <-> latents --------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae_scale_factor * 2  # 2×2 packing
-        if height % f or width % f:
-            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {f} for this model")
+        self._check_size(height, width, self.vae_scale_factor * 2)  # 2×2 packing
         channels = int(self.transformer.config.in_channels) // 4
         return channels, height // self.vae_scale_factor, width // self.vae_scale_factor
 
@@ -291,20 +172,11 @@ class FluxBackbone(ScaledKLCodec, Backbone):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         _, h, w = latent_shape
-        cfg = self.scheduler.config
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if cfg.get("use_flow_sigmas", None):
-            sigmas = None
-        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
-        if sigmas is None:
-            scheduler.set_timesteps(num_steps, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+        mu = self._shift_mu(calculate_shift, (h // 2) * (w // 2))
+        if self.scheduler.config.get("use_flow_sigmas", None):
+            return self._scheduler_sigmas(num_steps, num_steps, mu=mu)
+        return self._scheduler_sigmas(num_steps, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+    def native_size(self) -> int:
+        """``default_sample_size (128) · vae_scale_factor``, as ``FluxPipeline`` defaults."""
+        return 128 * self.vae_scale_factor

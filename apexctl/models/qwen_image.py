@@ -9,27 +9,17 @@ diffusers / transformers are imported inside the functions that need them, so ``
 
 from __future__ import annotations
 
-import copy
 import json
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.hub import load_component, load_tokenizer, write_json
-from apexctl.models.base import Backbone, Cond, PixelCodec
-
-_COMPONENTS = {
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
-    "tokenizer": ("transformers", "Qwen2Tokenizer"),
-    "transformer": ("diffusers", "QwenImageTransformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKLQwenImage"),
-}
+from apexctl.hub import load_component, write_json
+from apexctl.models.base import Cond, PixelCodec
+from apexctl.models.components import Part, PipelineBackbone, prompt_list
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +38,7 @@ def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
-class QwenImageBackbone(Backbone):
+class QwenImageBackbone(PipelineBackbone):
     """Qwen-Image (``QwenImagePipeline``'s components). ``transformer`` is trainable; text encoder and codec frozen.
 
     The codec is either the real ``AutoencoderKLQwenImage`` (``vae/``) or a ``PixelCodec`` (``apexctl_codec.json``,
@@ -58,6 +48,13 @@ class QwenImageBackbone(Backbone):
     family = "qwen_image"
     projection_cancels_scalar_bias = True  # the text stream is read through LayerNorms only
     pipeline_class = "QwenImagePipeline"
+    components = (
+        Part("transformer", "diffusers", "QwenImageTransformer2DModel"),
+        Part("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
+        Part("text_encoder", "transformers", "Qwen2_5_VLForConditionalGeneration"),
+        Part("tokenizer", "transformers", "Qwen2Tokenizer"),
+        Part("vae", "diffusers", "AutoencoderKLQwenImage"),
+    )
     comfyui = True
     lora_targets = [
         "to_q",
@@ -76,130 +73,39 @@ class QwenImageBackbone(Backbone):
     #: QwenImagePipeline.__call__'s default max_sequence_length (prompt tokens after the template)
     max_sequence_length = 512
 
-    def __init__(
-        self,
-        transformer: nn.Module,
-        scheduler: Any,
-        *,
-        text_encoder: nn.Module | None = None,
-        tokenizer: Any = None,
-        codec: nn.Module | None = None,
-        codec_config: dict | None = None,
-    ):
-        """``codec_config``: the VAE config dict or the pixel codec's json; taken from ``codec`` when not given (it
-        lets ``latent_shape`` work when the codec itself was not loaded)."""
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.codec = codec
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler
-        self._finish_init(codec, codec_config)
-
     # -- loading / saving ---------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        load_text_encoder: bool = True,
-        load_codec: bool = True,
-    ) -> QwenImageBackbone:
-        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
-
-        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or the tokenizer is empty.
-        """
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-
-        path = str(path)
-
-        load = partial(load_component, path)
-
-        transformer = load(
-            "transformer",
-            lambda: QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
-        )
-        scheduler = load(
-            "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        )
-
-        text_encoder = tokenizer = None
-        if load_text_encoder:
-            text_encoder = load(
-                "text_encoder",
-                lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
-            )
-            tokenizer = load_tokenizer(
-                path, "tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=100
-            )
-
+    def _load_codec(cls, path: str, dtype: torch.dtype, load_codec: bool) -> tuple[nn.Module | None, dict]:
+        """A local folder with ``apexctl_codec.json`` and no ``vae/`` has the pixel codec; any other the VAE."""
         pixel_cfg = Path(path) / PixelCodec.CONFIG_NAME
-        codec: nn.Module | None = None
-        if Path(path).is_dir() and not (Path(path) / "vae").is_dir() and pixel_cfg.is_file():
-            codec_config = load("codec", lambda: json.loads(pixel_cfg.read_text()))
-            if codec_config.get("type") != "pixel":
-                raise BadInput(f"{pixel_cfg}: unknown codec type {codec_config.get('type')!r} (allowed: 'pixel')")
-            if load_codec:
-                codec = PixelCodec(int(codec_config.get("channels", 1)), int(codec_config.get("patch", 1)))
-        elif load_codec:
-            codec = load(
-                "vae", lambda: AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-            )
-            codec_config = dict(codec.config)
-        else:
-            codec_config = dict(load("vae", lambda: AutoencoderKLQwenImage.load_config(path, subfolder="vae")))
-
-        return cls(
-            transformer,
-            scheduler,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            codec=codec,
-            codec_config=codec_config,
-        )
+        if not (Path(path).is_dir() and not (Path(path) / "vae").is_dir() and pixel_cfg.is_file()):
+            return super()._load_codec(path, dtype, load_codec)
+        codec_config = load_component(path, "codec", lambda: json.loads(pixel_cfg.read_text()))
+        if codec_config.get("type") != "pixel":
+            raise BadInput(f"{pixel_cfg}: unknown codec type {codec_config.get('type')!r} (allowed: 'pixel')")
+        if not load_codec:
+            return None, codec_config
+        return PixelCodec(int(codec_config.get("channels", 1)), int(codec_config.get("patch", 1))), codec_config
 
     @property
     def is_pixel(self) -> bool:
         return self.codec_config.get("type") == "pixel"
 
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        frozen: dict[str, Any] = {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
         if not self.is_pixel:
-            frozen["vae"] = self.codec
-        self._place_components(out, src, dest, frozen)
-        if self.is_pixel:  # not a stock pipeline folder: no model_index.json
-            write_json(out / PixelCodec.CONFIG_NAME, self.codec_config)
-        else:
-            self._write_index(out, _COMPONENTS)
+            return super()._write_components(out, src, dest)
+        self._place_components(out, src, dest, {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer})
+        write_json(out / PixelCodec.CONFIG_NAME, self.codec_config)  # not a stock pipeline folder: no model_index
 
     # -- conditioning --------------------------------------------------------------------------------------------
-    def _text_pipeline(self):
-        from diffusers import QwenImagePipeline
-
-        if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError("this Qwen-Image backbone was loaded without its text encoder")
-        # A components-only pipeline (0.5 ms to build): its own template, drop index and padding logic encode prompts.
-        return QwenImagePipeline(
-            scheduler=self.scheduler,
-            vae=None,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            transformer=None,
-        )
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """``QwenImagePipeline.encode_prompt`` (template, first 34 tokens dropped, last hidden state, right padding).
 
         The mask is always returned (1 = token, 0 = padding); the pipeline returns ``None`` when it is all ones.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        device = next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
         embeds, mask = self._text_pipeline().encode_prompt(
-            list(prompts), device=device, max_sequence_length=self.max_sequence_length
+            prompt_list(prompts), device=self._text_device(), max_sequence_length=self.max_sequence_length
         )
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -220,11 +126,6 @@ class QwenImageBackbone(Backbone):
         mean = torch.tensor(self.codec_config["latents_mean"], device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.codec_config["latents_std"], device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
         return mean, std
-
-    def _require_codec(self) -> nn.Module:
-        if self.codec is None:
-            raise RuntimeError("this Qwen-Image backbone was loaded without its codec")
-        return self.codec
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [−1, 1] → ``(mode − latents_mean) / latents_std``, ``[B, z, H/f, W/f]`` (pixel: identity)."""
@@ -253,8 +154,7 @@ class QwenImageBackbone(Backbone):
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {2 * f} for this model")
+        self._check_size(height, width, 2 * f)
         if self.is_pixel:
             channels = int(self.codec_config["channels"]) * int(self.codec_config.get("patch", 1)) ** 2
         else:
@@ -294,18 +194,10 @@ class QwenImageBackbone(Backbone):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
         _, h, w = latent_shape
-        cfg = self.scheduler.config
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
-        if num_steps == 1 and cfg.get("shift_terminal"):
-            # diffusers' terminal stretch divides by 1 − σ_last = 0 for a single step (the stock pipeline returns
-            # NaN there); one Euler step from σ = 1 to 0 is the only sensible schedule.
-            scheduler = type(self.scheduler).from_config(cfg, shift_terminal=None)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+        mu = self._shift_mu(calculate_shift, (h // 2) * (w // 2))
+        return self._scheduler_sigmas(num_steps, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+
+    def native_size(self) -> int:
+        """``default_sample_size (128) · vae_scale_factor``, as ``QwenImagePipeline`` defaults; a pixel-codec model
+        (the embedded digits / scenes toys) draws an 8×8 latent grid: 8·patch pixels."""
+        return (8 if self.is_pixel else 128) * self.vae_scale_factor

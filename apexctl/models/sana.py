@@ -23,21 +23,15 @@ Native conventions translated here (diffusers ``pipelines/sana/pipeline_sana.py`
 
 from __future__ import annotations
 
-import copy
 import inspect
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from apexctl.errors import BadInput
-from apexctl.hub import load_component, load_tokenizer
-from apexctl.models.base import Backbone, Cond
-
-#: schedulers SanaPipeline is used with (model_index.json records the one present)
-SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+from apexctl.models.base import Cond
+from apexctl.models.components import Part, PipelineBackbone, prompt_list
 
 
 def default_complex_human_instruction() -> list[str]:
@@ -47,7 +41,7 @@ def default_complex_human_instruction() -> list[str]:
     return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
-class SanaBackbone(Backbone):
+class SanaBackbone(PipelineBackbone):
     """SANA (``SanaPipeline``'s components). ``transformer`` is trainable; text encoder and ``AutoencoderDC`` frozen.
 
     ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
@@ -55,6 +49,16 @@ class SanaBackbone(Backbone):
 
     family = "sana"
     pipeline_class = "SanaPipeline"
+    components = (
+        Part("transformer", "diffusers", "SanaTransformer2DModel"),
+        # the schedulers SanaPipeline is used with (model_index.json records the one present)
+        Part(
+            "scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler", alternatives=("DPMSolverMultistepScheduler",)
+        ),
+        Part("text_encoder", "transformers", "Gemma2Model"),
+        Part("tokenizer", "transformers", "GemmaTokenizer"),
+        Part("vae", "diffusers", "AutoencoderDC"),
+    )
     lora_targets = [
         "attn1.to_q",
         "attn1.to_k",
@@ -73,124 +77,28 @@ class SanaBackbone(Backbone):
         transformer: nn.Module,
         scheduler: Any,
         *,
-        text_encoder: nn.Module | None = None,
-        tokenizer: Any = None,
-        codec: nn.Module | None = None,
-        codec_config: dict | None = None,
         complex_human_instruction: list[str] | None = None,
+        **parts: Any,
     ):
-        """``codec_config``: the VAE config dict, taken from ``codec`` when not given. ``complex_human_instruction``:
-        the CHI lines for positive prompts (``None``: the pipeline's default; ``[]``: none)."""
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.codec = codec
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler
-        self.complex_human_instruction = complex_human_instruction
+        """``complex_human_instruction``: the CHI lines for positive prompts (``None``: the pipeline's default;
+        ``[]``: none); ``parts``: as ``PipelineBackbone``."""
         if getattr(transformer.config, "guidance_embeds", False):
             raise BadInput("SANA transformers with guidance_embeds (SANA-Sprint) are not supported")
-        self._finish_init(codec, codec_config)
-
-    # -- loading / saving ---------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        load_text_encoder: bool = True,
-        load_codec: bool = True,
-    ) -> SanaBackbone:
-        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
-
-        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or the tokenizer is empty.
-        """
-        import diffusers
-        from diffusers import AutoencoderDC, SanaTransformer2DModel
-        from transformers import Gemma2Model, GemmaTokenizer
-
-        path = str(path)
-
-        load = partial(load_component, path)
-
-        transformer = load(
-            "transformer",
-            lambda: SanaTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
-        )
-        sched_cfg = load(
-            "scheduler", lambda: diffusers.FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
-        )
-        sched_name = sched_cfg.get("_class_name")
-        if sched_name not in SCHEDULERS:
-            raise BadInput(f"{path}: scheduler {sched_name!r} is not supported (allowed: {', '.join(SCHEDULERS)})")
-        scheduler = getattr(diffusers, sched_name).from_config(sched_cfg)
-
-        text_encoder = tokenizer = None
-        if load_text_encoder:
-            text_encoder = load(
-                "text_encoder", lambda: Gemma2Model.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-            )
-            tokenizer = load_tokenizer(
-                path, "tokenizer", lambda: GemmaTokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=100
-            )
-
-        codec: nn.Module | None = None
-        if load_codec:
-            codec = load("vae", lambda: AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=dtype))
-            codec_config = dict(codec.config)
-        else:
-            codec_config = dict(load("vae", lambda: AutoencoderDC.load_config(path, subfolder="vae")))
-
-        return cls(
-            transformer,
-            scheduler,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            codec=codec,
-            codec_config=codec_config,
-        )
-
-    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        self._place_components(
-            out, src, dest, {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "vae": self.codec}
-        )
-        self._write_index(
-            out,
-            {
-                "scheduler": ("diffusers", type(self.scheduler).__name__),
-                "text_encoder": ("transformers", "Gemma2Model"),
-                "tokenizer": ("transformers", "GemmaTokenizer"),
-                "transformer": ("diffusers", "SanaTransformer2DModel"),
-                "vae": ("diffusers", "AutoencoderDC"),
-            },
-        )
+        super().__init__(transformer, scheduler, **parts)
+        self.complex_human_instruction = complex_human_instruction
 
     # -- conditioning --------------------------------------------------------------------------------------------
-    def _text_pipeline(self):
-        from diffusers import SanaPipeline
-
-        if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError("this SANA backbone was loaded without its text encoder")
-        # A components-only pipeline: its own CHI, [BOS]+last-tokens selection and padding logic encode prompts.
-        return SanaPipeline(
-            tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=None, transformer=None, scheduler=None
-        )
-
     def _chi(self) -> list[str]:
         if self.complex_human_instruction is None:
             return default_complex_human_instruction()
         return list(self.complex_human_instruction)
-
-    def _device(self) -> torch.device | None:
-        return next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
 
     @torch.no_grad()
     def _encode_positive(self, prompts: list[str]) -> Cond:
         embeds, mask, _, _ = self._text_pipeline().encode_prompt(
             list(prompts),
             do_classifier_free_guidance=False,
-            device=self._device(),
+            device=self._text_device(),
             max_sequence_length=self.max_sequence_length,
             complex_human_instruction=self._chi(),
         )
@@ -199,11 +107,9 @@ class SanaBackbone(Backbone):
     @torch.no_grad()
     def encode_negative_prompts(self, prompts: list[str]) -> Cond:
         """As ``SanaPipeline.encode_prompt`` encodes ``negative_prompt``: no CHI, first 300 tokens."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
         embeds, mask = self._text_pipeline()._get_gemma_prompt_embeds(
-            prompt=list(prompts),
-            device=self._device(),
+            prompt=prompt_list(prompts),
+            device=self._text_device(),
             dtype=self.text_encoder.dtype,
             clean_caption=False,
             max_sequence_length=self.max_sequence_length,
@@ -216,9 +122,7 @@ class SanaBackbone(Backbone):
 
         Every row has ``max_sequence_length`` tokens; the mask (1 = token, 0 = padding) is always returned.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = prompt_list(prompts)
         empty = [i for i, p in enumerate(prompts) if p == ""]
         full = [i for i, p in enumerate(prompts) if p != ""]
         if not empty:
@@ -248,11 +152,6 @@ class SanaBackbone(Backbone):
         return int(self.transformer.config.caption_channels)
 
     # -- images <-> latents --------------------------------------------------------------------------------------
-    def _require_codec(self) -> nn.Module:
-        if self.codec is None:
-            raise RuntimeError("this SANA backbone was loaded without its codec")
-        return self.codec
-
     @property
     def scaling_factor(self) -> float:
         return float(self.codec_config["scaling_factor"])
@@ -275,9 +174,7 @@ class SanaBackbone(Backbone):
         return 2 ** (len(self.codec_config["encoder_block_out_channels"]) - 1)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae_scale_factor * int(self.transformer.config.patch_size)
-        if height % f or width % f:
-            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {f} for this model")
+        self._check_size(height, width, self.vae_scale_factor * int(self.transformer.config.patch_size))
         v = self.vae_scale_factor
         return int(self.codec_config["latent_channels"]), height // v, width // v
 
@@ -305,12 +202,15 @@ class SanaBackbone(Backbone):
     def teacher_sigmas(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
         """The pipeline's schedule: ``scheduler.set_timesteps(num_steps)`` (SANA passes no ``mu``/``sigmas``), σ grid
         ending at 0. For ``DPMSolverMultistepScheduler`` this is its flow-σ grid (Euler only approximates DPM-Solver)."""
-        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
-        scheduler.set_timesteps(num_steps, device="cpu")
-        sig = scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+        sig = self._scheduler_sigmas(num_steps, num_steps, device="cpu")
         if len(sig) != num_steps + 1 or float(sig[-1]) != 0.0:
             raise BadInput(
                 f"{type(self.scheduler).__name__}: schedule of {num_steps} steps has {len(sig)} sigmas ending at "
                 f"{float(sig[-1])}; expected {num_steps + 1} ending at 0"
             )
         return sig
+
+    def native_size(self) -> int:
+        """``SanaPipeline`` draws 1024×1024 binned to its ``sample_size``'s aspect-ratio table (512, 1024, 2048, 4096
+        px for sample_size 16, 32, 64, 128): ``32 · sample_size`` (= sample_size · vae_scale_factor with DC-AE f32)."""
+        return 32 * int(self.transformer.config.sample_size)

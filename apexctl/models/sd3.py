@@ -20,35 +20,14 @@ diffusers / transformers are imported inside the functions that need them, so ``
 
 from __future__ import annotations
 
-import copy
-from functools import partial
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
-from apexctl.errors import BadInput
-from apexctl.hub import load_component, load_tokenizer
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec
-
-#: model_index.json entries (the layout of the hub SD3 / SD3.5 repositories)
-_COMPONENTS = {
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
-    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
-    "text_encoder_3": ("transformers", "T5EncoderModel"),
-    "tokenizer": ("transformers", "CLIPTokenizer"),
-    "tokenizer_2": ("transformers", "CLIPTokenizer"),
-    "tokenizer_3": ("transformers", "T5TokenizerFast"),
-    "transformer": ("diffusers", "SD3Transformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-}
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+from apexctl.models.base import Cond, ScaledKLCodec
+from apexctl.models.components import Part, PipelineBackbone, prompt_list
 
 
-class SD3Backbone(ScaledKLCodec, Backbone):
+class SD3Backbone(ScaledKLCodec, PipelineBackbone):
     """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``'s components). ``transformer`` is trainable; the
     three text encoders and the VAE are frozen. Text encoders / codec may be ``None`` when loaded without them
     (``text_encoder_3`` may also be absent from a folder: the pipeline then uses zeros for the T5 tokens)."""
@@ -56,6 +35,20 @@ class SD3Backbone(ScaledKLCodec, Backbone):
     family = "sd3"
     projection_cancels_scalar_bias = True  # the text stream is read through LayerNorms only
     pipeline_class = "StableDiffusion3Pipeline"
+    #: the layout of the hub SD3 / SD3.5 repositories
+    components = (
+        Part("transformer", "diffusers", "SD3Transformer2DModel"),
+        Part("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
+        Part("text_encoder", "transformers", "CLIPTextModelWithProjection"),
+        Part("text_encoder_2", "transformers", "CLIPTextModelWithProjection"),
+        Part("tokenizer", "transformers", "CLIPTokenizer", min_tokens=10),
+        Part("tokenizer_2", "transformers", "CLIPTokenizer", min_tokens=10),
+        # SD3 runs without T5 (the pipeline then feeds zeros): only a local folder may omit it
+        Part("text_encoder_3", "transformers", "T5EncoderModel", present_if="text_encoder_3"),
+        Part("tokenizer_3", "transformers", "T5TokenizerFast", min_tokens=10, present_if="text_encoder_3"),
+        Part("vae", "diffusers", "AutoencoderKL"),
+    )
+    absent_parts = ("image_encoder", "feature_extractor")
     comfyui = True
     lora_targets = [
         "to_q",
@@ -70,147 +63,18 @@ class SD3Backbone(ScaledKLCodec, Backbone):
     #: StableDiffusion3Pipeline.__call__'s default max_sequence_length (T5 tokens)
     max_sequence_length = 256
 
-    def __init__(
-        self,
-        transformer: nn.Module,
-        scheduler: Any,
-        *,
-        text_encoder: nn.Module | None = None,
-        text_encoder_2: nn.Module | None = None,
-        text_encoder_3: nn.Module | None = None,
-        tokenizer: Any = None,
-        tokenizer_2: Any = None,
-        tokenizer_3: Any = None,
-        codec: nn.Module | None = None,
-        codec_config: dict | None = None,
-    ):
-        """``codec_config``: the VAE config dict; taken from ``codec`` when not given."""
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.text_encoder_2 = text_encoder_2
-        self.text_encoder_3 = text_encoder_3
-        self.codec = codec
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = tokenizer_2
-        self.tokenizer_3 = tokenizer_3
-        self.scheduler = scheduler
-        self._finish_init(codec, codec_config)
-
-    def _frozen(self) -> list[nn.Module]:
-        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.codec) if m is not None]
-
-    # -- loading / saving ---------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        load_text_encoder: bool = True,
-        load_codec: bool = True,
-    ) -> SD3Backbone:
-        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
-
-        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or a tokenizer is empty.
-        """
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        path = str(path)
-
-        load = partial(load_component, path)
-
-        transformer = load(
-            "transformer",
-            lambda: SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
-        )
-        scheduler = load(
-            "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        )
-
-        text: dict[str, Any] = {}
-        if load_text_encoder:
-            for sub in ("text_encoder", "text_encoder_2"):
-                text[sub] = load(
-                    sub, lambda sub=sub: CLIPTextModelWithProjection.from_pretrained(path, subfolder=sub, dtype=dtype)
-                )
-            for sub in ("tokenizer", "tokenizer_2"):
-                text[sub] = load_tokenizer(
-                    path, sub, lambda sub=sub: CLIPTokenizer.from_pretrained(path, subfolder=sub), min_tokens=10
-                )
-            # SD3 runs without T5 (the pipeline then feeds zeros): only a local folder may omit it
-            if Path(path).is_dir() and not (Path(path) / "text_encoder_3").is_dir():
-                text["text_encoder_3"] = text["tokenizer_3"] = None
-            else:
-                text["text_encoder_3"] = load(
-                    "text_encoder_3",
-                    lambda: T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype),
-                )
-                text["tokenizer_3"] = load_tokenizer(
-                    path,
-                    "tokenizer_3",
-                    lambda: T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3"),
-                    min_tokens=10,
-                )
-
-        codec = None
-        if load_codec:
-            codec = load("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype))
-            codec_config = dict(codec.config)
-        else:
-            codec_config = dict(load("vae", lambda: AutoencoderKL.load_config(path, subfolder="vae")))
-        return cls(transformer, scheduler, codec=codec, codec_config=codec_config, **text)
-
-    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        frozen: dict[str, Any] = {name: getattr(self, name) for name in (*_TEXT_ENCODERS, *_TOKENIZERS)}
-        frozen["vae"] = self.codec
-        index = dict(_COMPONENTS)
-        # a model without T5 (loaded from a folder that has none) stays without it
-        no_t5 = self.text_encoder is not None and self.text_encoder_3 is None
-        if src is not None and no_t5:
-            no_t5 = not (src / "text_encoder_3").is_dir()
-        if no_t5:
-            for name in ("text_encoder_3", "tokenizer_3"):
-                del frozen[name]
-                index[name] = (None, None)
-        self._place_components(out, src, dest, frozen)
-        self._write_index(out, {**index, "image_encoder": (None, None), "feature_extractor": (None, None)})
-
     # -- conditioning --------------------------------------------------------------------------------------------
-    def _text_pipeline(self):
-        from diffusers import StableDiffusion3Pipeline
-
-        if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError("this SD3 backbone was loaded without its text encoders")
-        # A components-only pipeline (no VAE): its own CLIP/T5 tokenisation, clip-skip and padding encode prompts.
-        # The transformer is only read for its config (the T5 width when there is no T5).
-        return StableDiffusion3Pipeline(
-            transformer=self.transformer,
-            scheduler=self.scheduler,
-            vae=None,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-            text_encoder_3=self.text_encoder_3,
-            tokenizer_3=self.tokenizer_3,
-        )
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """``StableDiffusion3Pipeline.encode_prompt`` → ``Cond(prompt_embeds, mask = ones, pooled_prompt_embeds)``.
 
         ``embeds [B, 77 + max_sequence_length, joint_attention_dim]``, ``pooled [B, proj_1 + proj_2]``.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        device = next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
         embeds, _, pooled, _ = self._text_pipeline().encode_prompt(
-            prompt=list(prompts),
+            prompt=prompt_list(prompts),
             prompt_2=None,
             prompt_3=None,
-            device=device,
+            device=self._text_device(),
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
@@ -231,9 +95,7 @@ class SD3Backbone(ScaledKLCodec, Backbone):
 
     # -- images <-> latents --------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae_scale_factor * int(self.transformer.config.patch_size)
-        if height % f or width % f:
-            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {f} for this model")
+        self._check_size(height, width, self.vae_scale_factor * int(self.transformer.config.patch_size))
         channels = int(self.codec_config["latent_channels"])
         return channels, height // self.vae_scale_factor, width // self.vae_scale_factor
 
@@ -265,17 +127,12 @@ class SD3Backbone(ScaledKLCodec, Backbone):
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
         _, h, w = latent_shape
-        cfg = self.scheduler.config
         kwargs = {}
-        if cfg.get("use_dynamic_shifting", None):
+        if self.scheduler.config.get("use_dynamic_shifting", None):
             p = int(self.transformer.config.patch_size)
-            kwargs["mu"] = calculate_shift(
-                (h // p) * (w // p),
-                cfg.get("base_image_seq_len", 256),
-                cfg.get("max_image_seq_len", 4096),
-                cfg.get("base_shift", 0.5),
-                cfg.get("max_shift", 1.16),
-            )
-        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
-        scheduler.set_timesteps(num_steps, **kwargs)
-        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+            kwargs["mu"] = self._shift_mu(calculate_shift, (h // p) * (w // p), max_shift=1.16)
+        return self._scheduler_sigmas(num_steps, num_steps, **kwargs)
+
+    def native_size(self) -> int:
+        """``transformer.config.sample_size · vae_scale_factor``, as ``StableDiffusion3Pipeline`` defaults."""
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor

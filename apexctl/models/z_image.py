@@ -32,25 +32,11 @@ per token, so the result is the stock one; a hook on the site sees ``[B, L, dim]
 
 from __future__ import annotations
 
-import copy
-from functools import partial
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
-from apexctl.errors import BadInput
-from apexctl.hub import load_component, load_tokenizer
-from apexctl.models.base import Backbone, Cond, ScaledKLCodec
-
-_COMPONENTS = {
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "text_encoder": ("transformers", "Qwen3Model"),
-    "tokenizer": ("transformers", "Qwen2Tokenizer"),
-    "transformer": ("diffusers", "ZImageTransformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-}
+from apexctl.models.base import Cond, ScaledKLCodec
+from apexctl.models.components import Part, PipelineBackbone, prompt_list
 
 #: a minimal Qwen3-style chat template (what ``ZImagePipeline`` needs: user turn + generation prompt, thinking on)
 QWEN3_CHAT_TEMPLATE = (
@@ -69,7 +55,7 @@ def _seq_multiple() -> int:
     return int(getattr(transformer_z_image, "SEQ_MULTI_OF", 32))
 
 
-class ZImageBackbone(ScaledKLCodec, Backbone):
+class ZImageBackbone(ScaledKLCodec, PipelineBackbone):
     """Z-Image (``ZImagePipeline``'s components). ``transformer`` is trainable; text encoder and VAE frozen.
 
     ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
@@ -77,6 +63,13 @@ class ZImageBackbone(ScaledKLCodec, Backbone):
 
     family = "z_image"
     pipeline_class = "ZImagePipeline"
+    components = (
+        Part("transformer", "diffusers", "ZImageTransformer2DModel"),
+        Part("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler"),
+        Part("text_encoder", "transformers", "Qwen3Model"),
+        Part("tokenizer", "transformers", "Qwen2Tokenizer"),
+        Part("vae", "diffusers", "AutoencoderKL"),
+    )
     comfyui = True
     lora_targets = [
         "attention.to_q",
@@ -92,106 +85,14 @@ class ZImageBackbone(ScaledKLCodec, Backbone):
     #: ZImagePipeline.__call__'s default cfg_normalization (False/0: off)
     cfg_normalization: float = 0.0
 
-    def __init__(
-        self,
-        transformer: nn.Module,
-        scheduler: Any,
-        *,
-        text_encoder: nn.Module | None = None,
-        tokenizer: Any = None,
-        codec: nn.Module | None = None,
-        codec_config: dict | None = None,
-    ):
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.codec = codec
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler
-        self._finish_init(codec, codec_config)
-
-    # -- loading / saving ---------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        load_text_encoder: bool = True,
-        load_codec: bool = True,
-    ) -> ZImageBackbone:
-        """Each component with its own class ``from_pretrained(path, subfolder=...)``; local folder or hub id.
-
-        Raises ``BadInput`` (one line, naming ``path``) when a component cannot be loaded or the tokenizer is empty.
-        """
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-        from transformers import Qwen2Tokenizer, Qwen3Model
-
-        path = str(path)
-
-        load = partial(load_component, path)
-
-        transformer = load(
-            "transformer",
-            lambda: ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype),
-        )
-        scheduler = load(
-            "scheduler", lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
-        )
-        text_encoder = tokenizer = None
-        if load_text_encoder:
-            text_encoder = load(
-                "text_encoder", lambda: Qwen3Model.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-            )
-            tokenizer = load_tokenizer(
-                path, "tokenizer", lambda: Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer"), min_tokens=100
-            )
-        codec: nn.Module | None = None
-        if load_codec:
-            codec = load("vae", lambda: AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype))
-            codec_config = dict(codec.config)
-        else:
-            codec_config = dict(load("vae", lambda: AutoencoderKL.load_config(path, subfolder="vae")))
-        return cls(
-            transformer,
-            scheduler,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            codec=codec,
-            codec_config=codec_config,
-        )
-
-    def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
-        self._place_components(
-            out, src, dest, {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer, "vae": self.codec}
-        )
-        self._write_index(out, _COMPONENTS)
-
     # -- conditioning --------------------------------------------------------------------------------------------
-    def _text_pipeline(self):
-        from diffusers import ZImagePipeline
-
-        if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError("this Z-Image backbone was loaded without its text encoder")
-        # A components-only pipeline: its own chat template, hidden-state layer and mask selection encode prompts.
-        return ZImagePipeline(
-            scheduler=self.scheduler,
-            vae=None,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            transformer=None,
-        )
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """``ZImagePipeline.encode_prompt`` (chat template, ``hidden_states[-2]``, valid tokens only), right-padded
         to the longest prompt with the mask (1 = token, 0 = padding)."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        device = next(self.text_encoder.parameters()).device if self.text_encoder is not None else None
         embeds, _ = self._text_pipeline().encode_prompt(
-            list(prompts),  # the pipeline rewrites the list in place
-            device=device,
+            prompt_list(prompts),  # a copy: the pipeline rewrites the list in place
+            device=self._text_device(),
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
@@ -233,8 +134,7 @@ class ZImageBackbone(ScaledKLCodec, Backbone):
     # -- images <-> latents --------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * 2
-        if height % f or width % f:
-            raise BadInput(f"image size {height}x{width}: height and width must be multiples of {f} for this model")
+        self._check_size(height, width, f)
         return int(self.codec_config["latent_channels"]), 2 * (height // f), 2 * (width // f)
 
     # -- the denoiser --------------------------------------------------------------------------------------------
@@ -305,17 +205,10 @@ class ZImageBackbone(ScaledKLCodec, Backbone):
         from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 
         _, h, w = latent_shape
-        cfg = self.scheduler.config
-        mu = calculate_shift(
-            (h // 2) * (w // 2),
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        scheduler = copy.deepcopy(self.scheduler)  # set_timesteps mutates the scheduler; keep ours stateless
-        if num_steps == 1 and cfg.get("shift_terminal"):
-            scheduler = type(self.scheduler).from_config(cfg, shift_terminal=None)
+        mu = self._shift_mu(calculate_shift, (h // 2) * (w // 2))
         sigmas = torch.linspace(1.0, 1 / num_steps, num_steps).tolist()  # get_default_z_image_sigmas
-        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
-        return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+        return self._scheduler_sigmas(num_steps, sigmas=sigmas, mu=mu)
+
+    def native_size(self) -> int:
+        """1024, as ``ZImagePipeline`` defaults."""
+        return 1024
