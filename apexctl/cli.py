@@ -124,8 +124,8 @@ def distill(
 ) -> None:
     """Train with the recipe's objective (apex, apex_paper, flow_matching) from the latent cache."""
     if launch is not None and launch > 1 and not dry_run:
-        from apexctl.engine.trainer import check_world
         from apexctl.launch import relaunch
+        from apexctl.training.hardware import check_world
 
         r = _recipe(recipe, [*(set_ or []), f"hardware.processes={launch}"])
         check_world(r, launch)  # a global_batch that cannot hold: exit 2 before any process starts
@@ -143,8 +143,8 @@ def distill(
 
         typer.echo(describe_plan(r))
         return
-    from apexctl.engine.trainer import train
     from apexctl.launch import is_rank_zero
+    from apexctl.training.loop import train
 
     run = train(r, resume=resume, until=until, quiet=quiet)
     if is_rank_zero():

@@ -13,9 +13,9 @@ from typing import Literal
 
 import torch
 
-from apexctl.engine import checkpoint as ckpt
 from apexctl.errors import BadInput
 from apexctl.recipe import Recipe
+from apexctl.training import checkpoint as ckpt
 
 Weights = Literal["ema", "live"]
 

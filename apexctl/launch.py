@@ -57,7 +57,7 @@ def relaunch(n: int, distill_args: list[str], run: Path, *, echo=print) -> int:
 
     Checked here first (exit 2, no processes started): the run folder is not locked by a live run.
     """
-    from apexctl.engine.lock import check_free
+    from apexctl.training.lock import check_free
 
     if n < 2:
         raise BadInput(f"--launch {n}: give 2 or more processes (1 process needs no launcher)")
@@ -83,7 +83,7 @@ def relaunch(n: int, distill_args: list[str], run: Path, *, echo=print) -> int:
     if rc != 0 and signalled:
         # torch's launcher exits 1 after passing a signal on, even when every rank stopped cleanly: the ranks'
         # checkpoint, written after the signal, is what says whether they did
-        from apexctl.engine import checkpoint as ckpt
+        from apexctl.training import checkpoint as ckpt
 
         latest = ckpt.latest_checkpoint(run)
         if latest is not None and (latest[1] / ckpt.COMPLETE).stat().st_mtime >= signalled[0]:

@@ -68,10 +68,10 @@ def main() -> None:
 
     from apexctl.engine.objectives import Net
     from apexctl.engine.shift import ConditionShift
-    from apexctl.engine.trainer import build_objective
     from apexctl.lora import make_trainable
     from apexctl.models.base import Cond
     from apexctl.recipe import load_recipe
+    from apexctl.training.objectives import build_objective
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -286,10 +286,10 @@ def run_job(job: Job) -> dict[str, Any]:
 
     torch.set_num_threads(job.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from apexctl.engine.trainer import train
     from apexctl.inference import ModelInfo, generate_images, is_distilled, load_trained, resolve_sample_settings
     from apexctl.models import load_for_recipe, resolve_model_path
     from apexctl.recipe import load_recipe
+    from apexctl.training.loop import train
 
     setting = SETTINGS[job.setting]
     recipe = load_recipe(ROOT / setting.student_recipe, list(job.overrides))
@@ -338,8 +338,8 @@ def ensure_teacher(
 ) -> tuple[str, str, float | None]:
     """(teacher model dir, cache dir, seconds spent training it now or None if it was there)."""
     from apexctl.data.prepare import prepare
-    from apexctl.engine.trainer import train
     from apexctl.recipe import load_recipe
+    from apexctl.training.loop import train
 
     cache = work / "cache"
     out = work / "teacher"

@@ -314,8 +314,9 @@ def work(tmp_path_factory):
 
 
 def _session(work: Path, name: str, method: dict, model: dict | None = None):
-    from apexctl.engine.trainer import make_accelerator, setup
     from apexctl.recipe import load_recipe
+    from apexctl.training.hardware import make_accelerator
+    from apexctl.training.session import setup
 
     recipe = load_recipe(_recipe(work, name, method, **({"model": model} if model else {})))
     return setup(recipe, make_accelerator(recipe))
@@ -336,8 +337,8 @@ def _uninterrupted_equals_resumed(work: Path, name: str, method: dict) -> tuple[
 
 
 def test_base_reference_full_tuning_uses_the_starting_weights(work):
-    from apexctl.engine.trainer import train_step
     from apexctl.models import load_backbone
+    from apexctl.training.step import train_step
 
     sess = _session(work, "base-sess", {"reference": "base"})
     for _ in range(3):
@@ -363,7 +364,7 @@ def test_base_reference_full_tuning_resumes_exactly(work):
 
 
 def test_separate_critic_starts_equal_and_only_adapters_train_with_lora(work):
-    from apexctl.engine.trainer import make_critic
+    from apexctl.training.closures import make_critic
 
     sess = _session(work, "critic-sess", {"critic": "separate"})
     live = dict(sess.transformer.named_parameters())
@@ -412,7 +413,7 @@ def test_separate_critic_trains_by_l_fake_and_resumes_exactly(work):
 
 
 def test_generator_steps_train(work):
-    from apexctl.engine.trainer import train_step
+    from apexctl.training.step import train_step
 
     sess = _session(work, "steps-sess", {"generator_steps": 2})
     assert sess.objective.keywords["cfg"].generator_steps == 2

@@ -8,7 +8,8 @@ from torch import nn
 
 from apexctl.engine.ema import EMA
 from apexctl.engine.flow import TimeSampler, endpoint, interpolate, loss_weight, noise_estimate, velocity_target
-from apexctl.engine.trainer import _ShadowForward, lr_lambda
+from apexctl.training.closures import ShadowForward
+from apexctl.training.optim import lr_lambda
 
 
 def test_ema_update_and_shadow_forward_leave_live_graph_intact():
@@ -23,7 +24,7 @@ def test_ema_update_and_shadow_forward_leave_live_graph_intact():
     x = torch.tensor([[1.0, 1.0]])
     y = lin(x)  # graph holds the live weight
     with torch.no_grad():
-        y_ema = _ShadowForward(lin, ema.shadow_dict())(x)
+        y_ema = ShadowForward(lin, ema.shadow_dict())(x)
     assert y_ema.item() == pytest.approx(3.4)
     y.sum().backward()  # would raise if the shadow forward had modified the weight in place
     torch.testing.assert_close(lin.weight.grad, torch.tensor([[1.0, 1.0]]))

@@ -216,7 +216,7 @@ def test_eval_digits_reports_rows(workdir):
 
 def _patched_objective(monkeypatch, hook):
     """Wrap the real objective; ``hook(step, out)`` may alter the LossOut or send a signal."""
-    import apexctl.engine.trainer as trainer
+    import apexctl.training.session as trainer
 
     real = trainer.build_objective
     calls = {"n": 0}
@@ -374,7 +374,7 @@ def test_run_folder_lock(workdir):
     import os
     import socket
 
-    from apexctl.engine.lock import RunLock
+    from apexctl.training.lock import RunLock
 
     r = _recipe(workdir, "locked", train={"steps": 2})
     with RunLock(workdir / "locked"):

@@ -1,7 +1,7 @@
 """``hardware.strategy: fsdp`` on torch FSDP2 (``torch.distributed.fsdp.fully_shard``), not accelerate's FSDP plugin.
 
-accelerate only picks its FSDP plugin on multi-accelerator setups (on CPU it silently falls back to DDP), so the
-trainer shards the denoiser itself: each transformer block (the items of the denoiser's ``nn.ModuleList`` children:
+accelerate only picks its FSDP plugin on multi-accelerator setups (on CPU it silently falls back to DDP), so
+the trainer shards the denoiser itself: each transformer block (the items of the denoiser's ``nn.ModuleList`` children:
 ``transformer_blocks``, ``single_transformer_blocks``, ``layers``, the refiners, …) is one FSDP unit, then the root.
 Parameters become DTensors sharded over the ranks; a frozen LoRA base and its trainable adapters live in the same
 units (FSDP2 keeps ``requires_grad`` per parameter).

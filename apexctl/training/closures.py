@@ -1,0 +1,100 @@
+"""The callables ``apex`` receives besides the model (docs/design.md §5.2): the reference F_ref (self | ema | base)
+and the separate critic F_φ, plus the critic copy itself and its checkpoint state."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+
+from apexctl.engine.ema import EMA
+from apexctl.engine.objectives import Critic, Net, Reference
+
+
+class ShadowForward(torch.nn.Module):
+    """Calls ``module`` with substitute parameters (EMA shadows) without touching the live ones."""
+
+    def __init__(self, module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", module)  # not a registered child: no second copy in any state dict
+        self.params = params
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.inner, self.params, args, kwargs, strict=False)
+
+
+def make_reference(
+    kind: str,
+    backbone,
+    transformer: torch.nn.Module,
+    net: Net,
+    ema: EMA | None,
+    wrapped: torch.nn.Module,
+    base: dict[str, torch.Tensor] | None = None,
+    adapters_off: Callable[[], AbstractContextManager] | None = None,
+) -> Reference | None:
+    """F_ref of ``apex``: None (self), the EMA shadows, or the starting model — a frozen copy of the initial trained
+    weights (``base``, full tuning) or the LoRA base (``adapters_off()``: the adapters disabled for the call)."""
+    if kind == "ema" or (kind == "base" and base is not None):
+
+        def reference(u, t, c):
+            params = ema.shadow_dict() if kind == "ema" else base
+            backbone.set_forward_module(ShadowForward(transformer, params))
+            try:
+                with torch.no_grad():
+                    return net(u, t, c)
+            finally:
+                backbone.set_forward_module(wrapped)
+
+        return reference
+    if kind == "base":
+        if adapters_off is None:
+            raise ValueError("reference 'base' with LoRA needs adapters_off")
+
+        def reference(u, t, c):
+            with torch.no_grad(), adapters_off():
+                return net(u, t, c)
+
+        return reference
+    return None
+
+
+def make_critic(transformer: torch.nn.Module) -> torch.nn.Module:
+    """A second copy of the denoiser for ``method.critic: separate``, equal to it at the start. Its trained
+    parameters (all weights; with LoRA the adapters) are new tensors; frozen ones (a LoRA base) are shared."""
+    memo = {id(p): p for p in transformer.parameters() if not p.requires_grad}
+    return copy.deepcopy(transformer, memo)
+
+
+def make_critic_forward(backbone, critic: torch.nn.Module, wrapped: torch.nn.Module) -> Critic:
+    """F_φ(u, s, c) of ``method.critic: separate``: the critic copy, with gradient, the real condition (no shift)."""
+
+    def forward(u, t, c):
+        backbone.set_forward_module(critic)
+        try:
+            return backbone.velocity(u, t, c).to(u.dtype)
+        finally:
+            backbone.set_forward_module(wrapped)
+
+    return forward
+
+
+class CriticState:
+    """Checkpoint state of ``method.critic: separate``: the critic's trained parameters by name (its frozen LoRA
+    base is the model's own, shared, and not saved); its optimizer state is the optimizer's last param group."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        self.named = named
+
+    def state_dict(self) -> dict:
+        return {"critic": {n: p.detach().cpu() for n, p in self.named}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["critic"]
+        if list(saved) != [n for n, _ in self.named]:
+            raise ValueError("critic state does not match the critic's trained parameters")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(saved[n])
