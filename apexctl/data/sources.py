@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apexctl.errors import BadInput
+from apexctl.errors import BadInput, read_text
 from apexctl.recipe import DataSpec
 
 SOURCES = ("digits", "scenes", "folder", "parquet", "datasets", "hub", "prompts")
@@ -256,7 +256,7 @@ def read_prompts(path: str, text_column: str = "text") -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"data.path {p}: no such prompts file (.txt, one prompt per line, or .jsonl)")
-    lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = read_text(p, "data.path").splitlines()  # not UTF-8: one line naming the file (was: mangled prompts)
     if p.suffix.lower() != ".jsonl":
         return [ln for ln in lines if ln.strip()]
     out = []

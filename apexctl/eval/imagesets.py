@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from apexctl.errors import BadInput
+from apexctl.errors import BadInput, read_text
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_KEYS = ("prompt", "caption", "text")
@@ -51,7 +51,7 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"--prompts {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "--prompts")
     if path.suffix == ".jsonl":
         prompts = [_prompt_of(item, where) for where, item in _jsonl(text, f"--prompts {path}")]
     elif path.suffix == ".json":
