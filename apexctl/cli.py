@@ -153,10 +153,10 @@ def distill(
 
 
 def _newest_run(root: Path = Path("runs")) -> Path:
-    runs = [p for p in root.glob("*") if (p / "model").is_dir()] if root.is_dir() else []
-    if not runs:
-        raise BadInput(f"no trained model found under ./{root}; pass --model FOLDER or --recipe RECIPE")
-    return max(runs, key=lambda p: (p / "model").stat().st_mtime)
+    """The run under ``root`` trained last (full runs: ``model/``, LoRA runs: ``lora/``)."""
+    from apexctl.inference import newest_run
+
+    return newest_run(root)
 
 
 @app.command()
@@ -169,23 +169,47 @@ def sample(
     recipe: Annotated[
         Optional[Path], typer.Option("--recipe", help="use this recipe's trained model (output.dir/model)")
     ] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="model folder, hub id or tiny:<preset>")] = None,
-    steps: Annotated[
-        Optional[int], typer.Option("--steps", min=1, help="sampling steps (default: recipe sample.steps)")
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model", help="model folder, run folder (RUN or RUN/model: its recipe applies) or tiny:<preset>"
+        ),
     ] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="auto | one | few | euler")] = None,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", min=1, help="sampling steps (default: recipe sample.steps, else 1)")
+    ] = None,
+    method: Annotated[
+        Optional[str], typer.Option("--method", help="auto | one | few | euler (default: recipe sample.method)")
+    ] = None,
     guidance: Annotated[
         Optional[float], typer.Option("--guidance", min=1.0, help="classifier-free guidance scale")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="first seed; image k of a prompt uses seed + k")] = 0,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(
+            "--seed", help="first seed; image k of a prompt uses seed + k (default: recipe sample.seed, else 0)"
+        ),
+    ] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="images per prompt")] = 4,
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default RUN/samples)")] = None,
-    size: Annotated[Optional[int], typer.Option("--size", min=8, help="image height = width in pixels")] = None,
+    size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--size",
+            min=8,
+            help="image height = width in pixels (default: recipe sample.height/width, else data.resolution, else "
+            "the model's native size)",
+        ),
+    ] = None,
+    batch: Annotated[
+        Optional[int], typer.Option("--batch", min=1, help="images per forward pass (default: recipe sample.batch)")
+    ] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate images (PNG per image + grid.png). Model: --model, --recipe, or the newest run under ./runs."""
-    from apexctl.sampling import run_sample
+    from apexctl.inference import locate
+    from apexctl.inference.sample import run_sample
 
     texts = list(prompts or [])
     if prompts_file is not None:
@@ -196,24 +220,20 @@ def sample(
         raise BadInput("no prompts: give them as arguments or with --prompts-file")
     if method is not None and method not in ("auto", "one", "few", "euler"):
         raise BadInput(f"--method {method!r}: expected one of auto, one, few, euler")
-    r = _recipe(recipe, set_) if recipe is not None else None
-    if r is None and model is None:
-        run = _newest_run()
-        model = str(run / "model")
-        if (run / "recipe.yaml").is_file():
-            r = _recipe(run / "recipe.yaml", set_)
-    folder = run_sample(
+    r, model = locate(_recipe(recipe, set_) if recipe is not None else None, model, set_)
+    folder, _ = run_sample(
         texts,
         recipe=r,
         model=model,
+        num_images=num_images,
+        out=out,
+        quiet=quiet,
+        size=size,
         steps=steps,
         method=method,
         guidance=guidance,
         seed=seed,
-        num_images=num_images,
-        out=out,
-        size=size,
-        quiet=quiet,
+        batch=batch,
     )
     typer.echo(f"wrote {len(texts) * num_images} images and grid.png to {folder}")
 
@@ -386,16 +406,17 @@ def eval_geneval(
     name = None
     if generate:
         from apexctl.eval.geneval_generate import generate_geneval
-        from apexctl.sampling import load_sampling_model
+        from apexctl.inference import ModelInfo, is_distilled, load_sampling_model, locate, model_info
+        from apexctl.inference import resolve_sample_settings as resolve
+        from apexctl.inference.models import samples_trained
 
+        source = {"recipe": str(recipe) if recipe else None, "model": model, "lora": str(lora) if lora else None}
+        name = model or str(lora or recipe)
         r = _recipe(recipe, set_) if recipe is not None else None
         if r is None and lora is not None and (lora / "recipe.yaml").is_file():
             r = _recipe(lora / "recipe.yaml", set_)
-        if r is None and model is None and lora is None:
-            run = _newest_run()
-            model = str(run / "model")
-            if (run / "recipe.yaml").is_file():
-                r = _recipe(run / "recipe.yaml", set_)
+        if lora is None:  # --model RUN(/model): that run's recipe; nothing: the newest run
+            r, model = locate(r, model, set_)
         if images is None:
             if lora is not None and (lora / "lora").is_dir():
                 images = lora / "eval" / "geneval"
@@ -405,33 +426,28 @@ def eval_geneval(
                 images = Path(model).parent / "eval" / "geneval"
             else:
                 images = Path("geneval")
-        spec = r.sample if r is not None else None
-        size = size or (spec.height if spec and spec.height else None) or (r.data.resolution if r else None)
-        if size is None:
-            raise BadInput("--size is needed when the model has no recipe next to it")
-        steps = steps or (spec.steps if spec else 1)
-        method = method or (spec.method if spec else "auto")
-        guidance = guidance if guidance is not None else (spec.guidance if spec else 1.0)
-        width = spec.width if spec and spec.width and spec.height == size else size
-        source = {"recipe": str(recipe) if recipe else None, "model": model, "lora": str(lora) if lora else None}
-        name = model or str(lora or recipe)
-        settings = {"source": source, "steps": steps, "method": method, "guidance": guidance, "seed": seed}
-        settings.update({"height": size, "width": width, "negative_prompt": spec.negative_prompt if spec else ""})
+        loaded: list = []
+
+        def load_backbone():
+            if not loaded:
+                loaded.append(load_sampling_model(r, model, lora).backbone)
+            return loaded[0]
+
+        info = ModelInfo(distilled=samples_trained(r, model, lora) and is_distilled(r))
+        if size is None and r is None:  # only the model's own configs can tell its size
+            info = model_info(load_backbone(), distilled=info.distilled)
+        s = resolve(
+            r, info, size=size, steps=steps, method=method, guidance=guidance, seed=seed, batch=batch, what=name
+        )
+        settings = {"source": source, "steps": s.steps, "method": s.method, "guidance": s.guidance, "seed": s.seed}
+        settings.update({"height": s.height, "width": s.width, "negative_prompt": s.negative_prompt})
         stats = generate_geneval(
             images,
             selection,
-            load_backbone=lambda: load_sampling_model(r, model, lora)[0],
+            load_backbone=load_backbone,
             settings=settings,
             per_prompt=per_prompt,
-            seed=seed,
-            height=size,
-            width=width,
-            steps=steps,
-            method=method,
-            guidance=guidance,
-            negative_prompt=spec.negative_prompt if spec else "",
-            renoise=spec.renoise if spec else "stochastic",
-            batch=batch,
+            sample=s,
             quiet=quiet,
         )
         typer.echo(f"geneval images in {images}: {stats['generated']} generated, {stats['kept']} kept")

@@ -178,15 +178,25 @@ class HardwareSpec(_Strict):
 
 
 class SampleSpec(_Strict):
+    """How ``apexctl sample``, ``eval *`` and the benches draw this recipe's model (one resolver for all of them:
+    ``apexctl.inference.resolve_sample_settings``; command options win over these keys)."""
+
     steps: int = Field(1, gt=0)
-    method: Literal["auto", "one", "few", "euler"] = "auto"
-    renoise: Literal["stochastic", "deterministic"] = "stochastic"
+    method: Literal["auto", "one", "few", "euler"] = Field(
+        "auto",
+        description="auto: 1 step without guidance = one-step; N > 1 steps = few-step for a model trained by an apex* "
+        "objective (this run's student), the family's Euler otherwise (a teacher, base model or flow_matching run); "
+        "guidance > 1 = Euler with CFG",
+    )
+    renoise: Literal["stochastic", "deterministic"] = Field(
+        "stochastic", description="few-step re-noising: fresh noise from the image's own seed, or the model's ẑ"
+    )
     guidance: float = Field(1.0, ge=1.0)
     negative_prompt: str = ""
-    height: int | None = Field(None, gt=0)
-    width: int | None = Field(None, gt=0)
-    seed: int = 0
-    batch: int = Field(64, gt=0)
+    height: int | None = Field(None, gt=0, description="null = data.resolution")
+    width: int | None = Field(None, gt=0, description="null = data.resolution")
+    seed: int = Field(0, description="image k of a prompt uses seed + k (apexctl sample)")
+    batch: int = Field(64, gt=0, description="images per forward pass")
 
 
 class OutputSpec(_Strict):

@@ -45,11 +45,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from apexctl.atomic import write_text  # noqa: E402
 from apexctl.engine import sampler  # noqa: E402
-from apexctl.generate import seeded_noise  # noqa: E402
+from apexctl.inference import ModelInfo, image_generators, resolve_sample_settings, seeded_noise  # noqa: E402
 from apexctl.machine import cpu_model  # noqa: E402
 from apexctl.models import load_backbone  # noqa: E402
 from apexctl.models.base import Backbone, Cond  # noqa: E402
@@ -82,9 +81,11 @@ PICTURE_PROMPTS = [
 
 
 def digits_teacher_defaults() -> tuple[int, float]:
-    """(steps, guidance) from recipes/digits_teacher.yaml's ``sample`` section."""
-    sample = yaml.safe_load((ROOT / "recipes" / "digits_teacher.yaml").read_text())["sample"]
-    return int(sample["steps"]), float(sample["guidance"])
+    """(steps, guidance) of recipes/digits_teacher.yaml's ``sample`` section, resolved as ``apexctl sample`` does."""
+    from apexctl.recipe import load_recipe
+
+    s = resolve_sample_settings(load_recipe(ROOT / "recipes" / "digits_teacher.yaml"), ModelInfo())
+    return s.steps, s.guidance
 
 
 def configs(quick: bool) -> dict[str, dict]:
@@ -114,12 +115,6 @@ def configs(quick: bool) -> dict[str, dict]:
     }
 
 
-def _broadcast(u: Cond, n: int) -> Cond:
-    """One unconditional row broadcast to ``n`` rows, as generate_latents does."""
-    mask = None if u.mask is None else u.mask.expand(n, -1)
-    return Cond(u.embeds.expand(n, -1, -1), mask, u.pooled)
-
-
 def make_rows(teacher: tuple[int, float]) -> list[dict]:
     steps, guidance = teacher
     rows = [{"name": f"teacher {steps}-step, CFG {guidance:g}", "kind": "teacher", "steps": steps,
@@ -145,18 +140,17 @@ def make_runner(bb: Backbone, row: dict, mode: str, batch: int, prompts: list[st
             return sampler.euler(bb, z, cond, steps, uncond=uncond, guidance_scale=row["guidance"])
         if steps == 1:
             return sampler.one_step(bb, z, cond)
-        gen = torch.Generator().manual_seed(7919)
-        return sampler.few_step(bb, z, cond, steps, "stochastic", gen)
+        return sampler.few_step(bb, z, cond, steps, "stochastic", image_generators(seeds))  # one per image
 
     if mode == "transformer":
         cond = bb.encode_prompts(texts)
-        uncond = _broadcast(bb.encode_prompts([""]), batch) if guided else None
+        uncond = bb.encode_prompts([""]).expand(batch) if guided else None
         z = seeded_noise(shape, seeds)
         return lambda: sample(z, cond, uncond)
 
     def end_to_end() -> torch.Tensor:
         cond = bb.encode_prompts(texts)
-        uncond = _broadcast(bb.encode_prompts([""]), batch) if guided else None
+        uncond = bb.encode_prompts([""]).expand(batch) if guided else None
         z = seeded_noise(shape, seeds)
         return bb.decode_latents(sample(z, cond, uncond))
 

@@ -74,9 +74,9 @@ def _one_step_pipeline(path: str):
 def test_stock_pipeline_with_the_lora_equals_apexctl_one_step(lora_run):
     tmp, recipe = lora_run
     from apexctl.engine.sampler import one_step
+    from apexctl.inference import load_trained
     from apexctl.models import resolve_model_path
     from apexctl.models.qwen_image import pack_latents
-    from apexctl.sampling import load_trained
 
     ours = load_trained(load_recipe(recipe))
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -143,8 +143,8 @@ def test_merge_lora_loads_in_stock_pipeline_and_matches_one_step(lora_run, tmp_p
     from diffusers import QwenImagePipeline
 
     from apexctl.engine.sampler import one_step
+    from apexctl.inference import load_trained
     from apexctl.models.qwen_image import pack_latents
-    from apexctl.sampling import load_trained
 
     out = tmp_path / "merged"
     res = runner.invoke(app, ["merge-lora", "--lora", str(tmp / "run"), "--out", str(out)])

@@ -105,8 +105,8 @@ def test_qwen_lora_recipe_end_to_end_on_the_tiny_build(tmp_path, monkeypatch):
     from diffusers import QwenImagePipeline
 
     from apexctl.engine.sampler import one_step
+    from apexctl.inference import load_trained
     from apexctl.models.qwen_image import pack_latents
-    from apexctl.sampling import load_trained
 
     monkeypatch.setenv("APEXCTL_HOME", str(tmp_path / "home"))
     prompts = tmp_path / "prompts.txt"

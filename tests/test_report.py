@@ -105,12 +105,12 @@ def test_fid_and_clip_score_to_teacher_then_report(run, tmp_path):
 
 
 def test_report_without_samples_loads_no_model(run, tmp_path, monkeypatch):
-    import apexctl.sampling
+    import apexctl.inference
 
     def boom(*a, **k):
         raise AssertionError("--no-samples must not load a model")
 
-    monkeypatch.setattr(apexctl.sampling, "load_trained", boom)
+    monkeypatch.setattr(apexctl.inference, "load_trained", boom)
     out = tmp_path / "r.html"
     _ok(["eval", "report", str(run), "--no-samples", "--out", str(out), "-q"])
     html = out.read_text()

@@ -158,8 +158,8 @@ def test_sample_writes_pngs_and_is_deterministic(workdir):
         assert (workdir / "s1" / f).read_bytes() == (workdir / "s2" / f).read_bytes()
     # the one-step image equals z − F(z, 1, c) computed directly
     from apexctl.engine.sampler import one_step
-    from apexctl.generate import seeded_noise
     from apexctl.images import to_uint8
+    from apexctl.inference import seeded_noise
     from apexctl.models import load_backbone
 
     bb = load_backbone(str(workdir / "full" / "model"))

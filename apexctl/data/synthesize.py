@@ -24,7 +24,7 @@ def synthesize_latents(
     backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], spec: SynthesizeSpec, height: int, width: int
 ) -> torch.Tensor:
     """Teacher latents ``[N, C, h, w]`` (float32) for ``prompts[i]`` with ``seeds[i]``, in batches of ``spec.batch``."""
-    from apexctl.generate import generate_latents
+    from apexctl.inference import generate_latents
 
     unique = sorted(set(prompts))
     enc = backbone.encode_prompts(unique)

@@ -2,13 +2,14 @@
 
 - ``one_step``:  x = z − F(z, 1, c)
 - ``few_step``:  times 1 = t_0 > … > t_N = 0; x̂ = x_t − t·F, then re-noise to the next time with fresh noise
-  (``stochastic``) or the model's own ẑ (``deterministic``).
+  (``stochastic``, drawn by ``randn_tensor``: row i from generator i) or the model's own ẑ (``deterministic``).
 - ``euler``:     the teacher: x ← x + (σ_{i+1} − σ_i)·v on the family's native σ schedule, with classifier-free
   guidance combined the way the family's stock pipeline does it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -17,6 +18,27 @@ from apexctl.engine.cond import Cond
 from apexctl.engine.denoiser import Denoiser
 
 Renoise = Literal["stochastic", "deterministic"]
+Method = Literal["one", "few", "euler"]
+#: one generator for the whole batch, or one per row (image i's noise then depends only on generator i)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_tensor(
+    shape: tuple[int, ...], generator: Generators, device: torch.device | str, dtype: torch.dtype
+) -> torch.Tensor:
+    """N(0, I) of ``shape`` on ``device``, drawn on each generator's own device and then moved (as diffusers'
+    ``randn_tensor``): torch refuses a CPU generator for a CUDA draw, and drawing where the generator lives gives
+    the same numbers whatever the target device. A sequence of generators draws row i from generator i, so a row
+    does not depend on the batch it is in. Drawn in float32, then cast (the same numbers for every dtype)."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device).to(device, dtype)
+    gens = list(generator)
+    if len(gens) != shape[0]:
+        raise ValueError(f"{len(gens)} generators for a batch of {shape[0]} rows: give one per row")
+    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in gens]
+    return torch.cat(rows).to(dtype)
 
 
 def _t(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -36,9 +58,10 @@ def few_step(
     cond: Cond,
     steps: int,
     renoise: Renoise = "stochastic",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
-    """N endpoint predictions on the uniform grid t_i = 1 − i/N, re-noised between them."""
+    """N endpoint predictions on the uniform grid t_i = 1 − i/N, re-noised between them (``stochastic``: fresh
+    noise from ``generator``, one per row for batch-independent images; see ``randn_tensor``)."""
     times = torch.linspace(1.0, 0.0, steps + 1).tolist()
     x = z
     x_hat = z
@@ -50,7 +73,7 @@ def few_step(
         if renoise == "deterministic":
             eps = x + (1.0 - t) * v
         else:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = randn_tensor(tuple(x.shape), generator, x.device, x.dtype)
         x = t_next * eps + (1.0 - t_next) * x_hat
     return x_hat
 
@@ -89,17 +112,18 @@ def generate(
     z: torch.Tensor,
     cond: Cond,
     steps: int,
-    method: Literal["auto", "one", "few", "euler"] = "auto",
+    method: Method,
     uncond: Cond | None = None,
     guidance_scale: float = 1.0,
     renoise: Renoise = "stochastic",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
-    """One entry point: ``auto`` is one-step for 1 step and Euler otherwise."""
-    if method == "auto":
-        method = "one" if steps == 1 and guidance_scale <= 1.0 else "euler"
+    """One entry point for an explicit ``method`` (what ``auto`` means is decided once, in ``apexctl.inference``,
+    which knows whether the model is a distilled student). ``uncond`` must have as many rows as ``cond``."""
     if method == "one":
         return one_step(backbone, z, cond)
     if method == "few":
         return few_step(backbone, z, cond, steps, renoise, generator)
-    return euler(backbone, z, cond, steps, uncond=uncond, guidance_scale=guidance_scale)
+    if method == "euler":
+        return euler(backbone, z, cond, steps, uncond=uncond, guidance_scale=guidance_scale)
+    raise ValueError(f"sampler method {method!r}: expected one of one, few, euler")

@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
 from apexctl.eval.geneval_layout import image_name, prompt_dir
 from apexctl.eval.geneval_prompts import load_prompts
+
+if TYPE_CHECKING:
+    from apexctl.inference.settings import SampleSettings
 
 GENERATION_FILE = "generation.json"
 SEEDS_FILE = "seeds.json"
@@ -61,22 +64,16 @@ def generate_geneval(
     load_backbone: Callable[[], Any],
     settings: dict[str, Any],
     per_prompt: int,
-    seed: int,
-    height: int,
-    width: int,
-    steps: int,
-    method: str,
-    guidance: float,
-    negative_prompt: str = "",
-    renoise: str = "stochastic",
-    batch: int = 16,
+    sample: SampleSettings,
     quiet: bool = False,
 ) -> dict[str, int]:
-    """Write the missing images; returns ``{"generated": n, "kept": m}``. The model is loaded only if needed."""
-    from apexctl.generate import generate_images
+    """Write the missing images (image k of a prompt: ``sample.seed + k``; ``sample.batch`` per forward); returns
+    ``{"generated": n, "kept": m}``. The model is loaded only if needed."""
     from apexctl.images import save_png
+    from apexctl.inference import generate_images
     from apexctl.progress import progress
 
+    seed, batch = sample.seed, sample.batch
     prompts = load_prompts()
     root.mkdir(parents=True, exist_ok=True)
     settings = _check_settings(root, settings)
@@ -101,15 +98,8 @@ def generate_geneval(
                 backbone,
                 [prompts[i]["prompt"] for i, _ in chunk],
                 [seed + k for _, k in chunk],
-                height=height,
-                width=width,
-                steps=steps,
-                method=method,
-                guidance=guidance,
-                negative_prompt=negative_prompt,
-                renoise=renoise,
-                batch=batch,
                 quiet=True,
+                **sample.sampler_kwargs(),
             )
             touched: dict[int, dict[str, int]] = {}
             for (i, k), img in zip(chunk, images, strict=True):

@@ -130,35 +130,27 @@ def sample_grids(
 ) -> list[tuple[int, Path]]:
     """``folder/samples-<k>step.png`` for each k (one row per prompt, seeds seed..seed+per_prompt−1); existing
     grids are kept, the model is loaded only when one is missing."""
-    from apexctl.generate import generate_images
     from apexctl.images import save_grid
-    from apexctl.sampling import load_trained
+    from apexctl.inference import (
+        ModelInfo,
+        generate_images,
+        is_distilled,
+        load_trained,
+        resolve_sample_settings,
+    )
 
     paths = [(k, Path(folder) / f"samples-{k}step.png") for k in steps]
     missing = [(k, p) for k, p in paths if not p.is_file()]
     if missing:
         model = load_trained(recipe)
-        s = recipe.sample
-        size = s.height or recipe.data.resolution
+        info = ModelInfo(distilled=is_distilled(recipe))
         texts = [p for p in prompts for _ in range(per_prompt)]
         seeds = [seed + j for _ in prompts for j in range(per_prompt)]
         for k, path in missing:
-            method = "one" if k == 1 else (s.method if s.method not in ("auto", "euler") else "few")
-            images = generate_images(
-                model,
-                texts,
-                seeds,
-                height=size,
-                width=size,
-                steps=k,
-                method=method,
-                guidance=1.0,
-                negative_prompt=s.negative_prompt,
-                renoise=s.renoise,
-                batch=s.batch,
-                quiet=quiet,
-                label=f"report grid {k} step{'s' if k > 1 else ''}",
-            )
+            s = resolve_sample_settings(recipe, info, steps=k, seed=seed)
+            label = f"report grid {k} step{'s' if k > 1 else ''}"
+            images = generate_images(model, texts, seeds, quiet=quiet, label=label, **s.sampler_kwargs())
+            size = min(s.height, s.width)
             save_grid(images, path, nrow=per_prompt, upscale=max(1, 64 // size), labels=prompts)
     return paths
 

@@ -2,8 +2,9 @@
 judge, report. One loop (:func:`run_eval`) serves both settings; an :class:`EvalSetting` brings the prompts, the
 judge and the real-data row.
 
-Rows: teacher at ``teacher_steps`` (Euler, with the guidance of the teacher's own recipe), teacher at 1 step, student at each requested
-step count. Every row sees the same prompts and the same seeds (image k of a prompt uses seed k).
+Rows: teacher at ``teacher_steps`` (Euler, with the guidance of the teacher's own recipe: ``teacher_settings``),
+teacher at 1 step, student at each requested step count (the recipe's ``sample`` settings, resolved as every command
+resolves them). Every row sees the same prompts and the same seeds (image k of a prompt uses seed k).
 """
 
 from __future__ import annotations
@@ -19,15 +20,7 @@ from typing import Any
 import torch
 
 from apexctl.atomic import write_text
-from apexctl.recipe import Recipe, SampleSpec, load_recipe
-
-
-def teacher_sample_spec(teacher_dir: str) -> SampleSpec:
-    """The teacher's own sampling settings: the ``sample`` section of the run that trained it, when there is one."""
-    rec = Path(teacher_dir).parent / "recipe.yaml"
-    if Path(teacher_dir).is_dir() and rec.is_file():
-        return load_recipe(rec).sample
-    return SampleSpec()
+from apexctl.recipe import Recipe
 
 
 @dataclass
@@ -90,19 +83,27 @@ def run_eval(
     setting: EvalSetting,
     *,
     per_prompt: int = 100,
-    teacher_steps: int = 50,
+    teacher_steps: int | None = None,
     student_steps: list[int] | tuple[int, ...] = (1,),
     teacher_guidance: float | None = None,
     out: Path | None = None,
     quiet: bool = False,
 ) -> dict:
+    from dataclasses import replace
+
     from rich.console import Console
 
     from apexctl.eval.digits import format_table
-    from apexctl.generate import generate_images
     from apexctl.images import save_grid
+    from apexctl.inference import (
+        ModelInfo,
+        generate_images,
+        is_distilled,
+        load_trained,
+        resolve_sample_settings,
+        teacher_settings,
+    )
     from apexctl.models import load_for_recipe, resolve_model_path
-    from apexctl.sampling import load_trained
 
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs/CI: the full table, not a squeezed one
     judge, prompts = setting.judge, setting.prompts
@@ -110,51 +111,29 @@ def run_eval(
     seeds = [k for _ in prompts for k in range(per_prompt)]
     allowed = [p.allowed for p in prompts for _ in range(per_prompt)]
     kinds = [p.kind for p in prompts for _ in range(per_prompt)]
-    size = recipe.data.resolution
-    s = recipe.sample
 
     teacher_dir = resolve_model_path(recipe.model.path)
-    if teacher_guidance is None:
-        teacher_guidance = teacher_sample_spec(teacher_dir).guidance
+    t = teacher_settings(recipe, steps=teacher_steps, guidance=teacher_guidance, seed=0, batch=256)
     teacher = load_for_recipe(recipe.model, teacher_dir)
     student = load_trained(recipe)
     rows_spec = [
-        (f"teacher {teacher_steps} steps", teacher, teacher_steps, "euler", teacher_guidance),
-        ("teacher 1 step", teacher, 1, "one", 1.0),
+        (f"teacher {t.steps} steps", teacher, t),
+        ("teacher 1 step", teacher, replace(t, steps=1, method="one", guidance=1.0)),
     ]
+    info = ModelInfo(distilled=is_distilled(recipe))
     rows_spec += [
-        (
-            f"student {k} step{'s' if k > 1 else ''}",
-            student,
-            k,
-            "one" if k == 1 else s.method if s.method != "auto" else "few",
-            1.0,
-        )
+        (f"student {k} step{'s' if k > 1 else ''}", student, resolve_sample_settings(recipe, info, steps=k, batch=256))
         for k in student_steps
     ]
 
     results: dict[str, dict] = {setting.reference_label: setting.reference}
     grids = []
-    for name, model, steps, method, guidance in rows_spec:
+    for name, model, s in rows_spec:
         t0 = time.perf_counter()
-        images = generate_images(
-            model,
-            texts,
-            seeds,
-            height=size,
-            width=size,
-            steps=steps,
-            method=method,
-            guidance=guidance,
-            negative_prompt=s.negative_prompt,
-            renoise=s.renoise,
-            batch=256,
-            quiet=quiet,
-            label=name,
-        )
+        images = generate_images(model, texts, seeds, quiet=quiet, label=name, **s.sampler_kwargs())
         scored = judge.score(images, allowed, kinds)
         scored["seconds"] = round(time.perf_counter() - t0, 2)
-        scored["steps"], scored["method"], scored["guidance"] = steps, method, guidance
+        scored["steps"], scored["method"], scored["guidance"] = s.steps, s.method, s.guidance
         results[name] = scored
         # grid: 8 images for each prompt, one row per prompt
         pick = torch.tensor([i * per_prompt + k for i in range(len(prompts)) for k in range(min(8, per_prompt))])
@@ -166,7 +145,7 @@ def run_eval(
         "per_prompt": per_prompt,
         "prompts": [{"prompt": p.prompt, "kind": p.kind, "allowed": setting.describe(p.allowed)} for p in prompts],
         "judge_test_accuracy": judge.test_accuracy,
-        "teacher": {"model": teacher_dir, "steps": teacher_steps, "guidance": teacher_guidance},
+        "teacher": {"model": teacher_dir, "steps": t.steps, "guidance": t.guidance},
         "rows": results,
     }
     write_text(folder / "results.json", json.dumps(summary, indent=1, default=float))

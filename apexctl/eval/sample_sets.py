@@ -5,10 +5,12 @@ seed per image) and ``meta.json`` (model, sampler settings, prompts). The hash c
 list, so a folder only ever holds images of one configuration; rerunning resumes it (existing PNGs are kept).
 Image ``k`` of prompt ``j`` uses seed ``seed + k`` for both student and teacher (as ``apexctl sample`` does).
 
-Student: the run's trained model (``model/``, or the base with ``lora/``), 1 step = the one-step map, more steps the
-recipe's few-step sampler. Teacher: the recipe's ``model.path`` with multi-step Euler and classifier-free guidance:
-by default the steps/guidance of ``data.synthesize`` when the run was trained on teacher samples, else 50 steps
-and the guidance of the teacher run's own recipe (as ``eval digits``).
+Student: the run's trained model (``model/``, or the base with ``lora/``) with the recipe's ``sample`` settings at
+the requested steps, resolved as every command resolves them (``method: auto``: 1 step = the one-step map, more
+steps the few-step sampler of a distilled student). Teacher: ``teacher_settings`` — the recipe's ``model.path``
+with multi-step Euler and classifier-free guidance: by default the steps/guidance of ``data.synthesize`` when the
+run was trained on teacher samples, else 50 steps and the guidance of the teacher run's own recipe (as ``eval
+digits``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ import torch
 
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
-from apexctl.recipe import Recipe, load_recipe
-
-TEACHER_STEPS = 50
+from apexctl.recipe import Recipe
 
 
 def load_run(run: Path) -> Recipe:
@@ -33,9 +33,9 @@ def load_run(run: Path) -> Recipe:
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
         raise BadInput(f"{run}: not a run folder (no recipe.yaml)")
-    recipe = load_recipe(run / "recipe.yaml")
-    recipe.output.dir = str(run)
-    return recipe
+    from apexctl.inference import run_recipe
+
+    return run_recipe(run)
 
 
 @dataclass(frozen=True)
@@ -49,46 +49,44 @@ class SetSpec:
     guidance: float
     negative_prompt: str
     renoise: str
-    size: int
+    height: int
+    width: int
 
     @property
     def label(self) -> str:
         cfg = f", CFG {self.guidance:g}" if self.guidance > 1.0 else ""
         return f"{self.role} {self.steps} step{'s' if self.steps > 1 else ''}{cfg}"
 
+    def sampler_kwargs(self) -> dict:
+        keys = ("steps", "method", "guidance", "negative_prompt", "renoise", "height", "width")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _spec(role: str, model: str, s) -> SetSpec:
+    return SetSpec(role, model, s.steps, s.method, s.guidance, s.negative_prompt, s.renoise, s.height, s.width)
+
 
 def student_spec(recipe: Recipe, steps: int) -> SetSpec:
-    from apexctl.sampling import resolve_model
+    from apexctl.inference import ModelInfo, is_distilled, resolve_model, resolve_sample_settings
 
-    s = recipe.sample
-    method = "one" if steps == 1 else (s.method if s.method not in ("auto", "euler") else "few")
     model = resolve_model(recipe, None)
     if recipe.model.lora is not None:
         model += f" + LoRA {Path(recipe.output.dir) / 'lora'}"
-    return SetSpec("student", model, steps, method, 1.0, s.negative_prompt, s.renoise, _size(recipe))
+    info = ModelInfo(distilled=is_distilled(recipe))
+    return _spec("student", model, resolve_sample_settings(recipe, info, steps=steps))
 
 
 def teacher_spec(recipe: Recipe, steps: int | None, guidance: float | None) -> SetSpec:
-    from apexctl.eval.run_digits import teacher_sample_spec
+    from apexctl.inference import teacher_settings
     from apexctl.models import resolve_model_path
 
     path = resolve_model_path(recipe.model.path)
-    synth = recipe.data.synthesize
-    if steps is None:
-        steps = synth.steps if synth is not None else TEACHER_STEPS
-    if guidance is None:
-        guidance = synth.guidance if synth is not None else teacher_sample_spec(path).guidance
-    s = recipe.sample
-    return SetSpec("teacher", str(path), steps, "euler", guidance, s.negative_prompt, s.renoise, _size(recipe))
-
-
-def _size(recipe: Recipe) -> int:
-    return recipe.sample.height or recipe.data.resolution
+    return _spec("teacher", str(path), teacher_settings(recipe, steps=steps, guidance=guidance))
 
 
 def _load(recipe: Recipe, spec: SetSpec):
+    from apexctl.inference import load_trained
     from apexctl.models import load_for_recipe
-    from apexctl.sampling import load_trained
 
     return load_trained(recipe) if spec.role == "student" else load_for_recipe(recipe.model, spec.model)
 
@@ -110,8 +108,8 @@ def ensure_set(
     quiet: bool = False,
 ) -> Path:
     """The folder of ``spec``'s images for ``prompts`` × ``per_prompt``; only missing images are generated."""
-    from apexctl.generate import generate_images
     from apexctl.images import save_png
+    from apexctl.inference import generate_images
     from apexctl.progress import progress
 
     texts = [p for p in prompts for _ in range(per_prompt)]
@@ -129,17 +127,7 @@ def ensure_set(
             for start in range(0, len(todo), batch):  # save each batch: an interrupted run keeps what it drew
                 idx = todo[start : start + batch]
                 images = generate_images(
-                    model,
-                    [texts[i] for i in idx],
-                    [seeds[i] for i in idx],
-                    height=spec.size,
-                    width=spec.size,
-                    steps=spec.steps,
-                    method=spec.method,
-                    guidance=spec.guidance,
-                    negative_prompt=spec.negative_prompt,
-                    renoise=spec.renoise,
-                    batch=batch,
+                    model, [texts[i] for i in idx], [seeds[i] for i in idx], batch=batch, **spec.sampler_kwargs()
                 )
                 for j, i in enumerate(idx):
                     save_png(images[j], folder / names[i])
