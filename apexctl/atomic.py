@@ -1,9 +1,17 @@
-"""Atomic writes (DESIGN §3): write to a temporary name in the same folder, fsync, rename."""
+"""Atomic writes (DESIGN §3): write to a temporary name in the same folder, fsync, rename.
+
+A folder is written as a hidden sibling ``.NAME.HOST.PID.XXXXXXXX.tmp`` and an old ``NAME`` it replaces is moved to
+``.NAME.HOST.PID.XXXXXXXX.old`` before it is deleted. A writer killed before it could clean up leaves one of these
+behind; the next write of ``NAME`` deletes those whose writer is gone (same host, process no longer running). One on
+another host, or in the old unnamed form, is left alone: nothing here can tell whether its writer still runs.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -61,11 +69,48 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
+def _host() -> str:
+    """This host's name as it can appear in a file name (no dots, so the sibling names parse)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_siblings(path: Path) -> list[Path]:
+    """Delete the temporary (``.tmp``) and replaced (``.old``) siblings of ``path`` left by writers that died on
+    this host; returns what was removed. Live writers', other hosts' and unnamed ones stay."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.(tmp|old)$")
+    removed = []
+    host, me = _host(), os.getpid()
+    for p in path.parent.iterdir() if path.parent.is_dir() else []:
+        m = pattern.match(p.name)
+        if m is None or m["host"] != host or int(m["pid"]) == me or _pid_alive(int(m["pid"])):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _sibling_prefix(dest: Path) -> str:
+    return f".{dest.name}.{_host()}.{os.getpid()}."
+
+
 def replace_dir(tmp: Path, dest: Path) -> None:
     """Move the complete folder ``tmp`` to ``dest``; an existing ``dest`` is replaced only now (after ``tmp`` is done)."""
     _fsync_tree(tmp)
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        old = dest.parent / f"{_sibling_prefix(dest)}{uuid.uuid4().hex[:8]}.old"
         os.rename(dest, old)
         os.rename(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)
@@ -79,7 +124,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` (an old ``path`` is removed only then)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_siblings(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: exports and caches are meant to be shared
     try:
         yield tmp

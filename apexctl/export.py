@@ -8,6 +8,7 @@ its registration index, so the export does not depend on the trainer's registrat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +30,8 @@ def write_export(backbone, recipe: Recipe, folder: Path, model_dir: str | Path) 
 
 
 def find_checkpoint(run: Path, which: str) -> tuple[int, Path]:
-    """``latest``, ``step-N`` / ``N``, or a checkpoint folder → (step, folder); only complete checkpoints."""
+    """``step-N`` / ``N``, or a checkpoint folder → (step, folder) of that complete checkpoint (``latest``: the newest
+    complete one; :func:`export_checkpoint` then passes over any that does not load)."""
     done = ckpt.complete_checkpoints(run)
     if which == "latest":
         if not done:
@@ -60,26 +62,11 @@ def _ema_state(folder: Path) -> dict | None:
 
 
 @torch.no_grad()
-def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema", out: Path | None = None) -> Path:
-    """Rebuild the trained denoiser of ``run`` at a checkpoint (live or EMA weights) and write its export."""
+def _load_into(transformer: torch.nn.Module, folder: Path, weights: Weights) -> None:
+    """The checkpoint's live weights, then (``ema``) its EMA shadows, into ``transformer``; BadInput when the
+    checkpoint is not this run's model; any reader error for a damaged file."""
     from safetensors.torch import load_file
 
-    from apexctl.lora import make_trainable
-    from apexctl.models import load_for_recipe, resolve_model_path
-    from apexctl.recipe import load_recipe
-
-    run = Path(run)
-    if not (run / "recipe.yaml").is_file():
-        raise BadInput(f"{run}: not a run folder (no recipe.yaml)")
-    if weights not in ("ema", "live"):
-        raise BadInput(f"--weights {weights!r}: expected ema or live")
-    recipe = load_recipe(run / "recipe.yaml")
-    step, folder = find_checkpoint(run, which)
-    model_dir = resolve_model_path(recipe.model.path)
-    backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
-    make_trainable(backbone, recipe.model.lora)  # as trained: the same parameters, the same dtypes
-    transformer = backbone.transformer
-    lora = recipe.model.lora
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = transformer.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -96,6 +83,69 @@ def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema"
             raise BadInput(f"{folder}: the EMA holds {len(ema['shadow'])} tensors, the model trains {len(trained)}")
         for p, s in zip(trained, ema["shadow"], strict=True):
             p.copy_(s.to(p.dtype))
-    kind = "lora" if lora is not None else "model"
+
+
+def _problem(load: Callable[[Path], None], folder: Path) -> str | None:
+    """None when ``folder`` passes the cheap check and ``load(folder)`` succeeds, else why not."""
+    problem = ckpt.check_loadable(folder)
+    if problem is not None:
+        return problem
+    try:
+        load(folder)
+    except BadInput:
+        raise
+    except Exception as exc:  # a damaged or vanished file (e.g. pruned by a running training meanwhile)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {first}".rstrip(": ")
+    return None
+
+
+def load_checkpoint(run: Path, which: str, load: Callable[[Path], None]) -> tuple[int, Path]:
+    """Run ``load`` on the checkpoint ``which`` names; returns its (step, folder).
+
+    ``latest`` takes the newest checkpoint that loads: a damaged one (truncated, or left without weights) is passed
+    over with a warning naming it; the list is read again after each failure, so a checkpoint a running training
+    wrote meanwhile is seen, and one it pruned meanwhile is skipped. A named checkpoint that does not load is bad
+    input."""
+    if which != "latest":
+        step, folder = find_checkpoint(run, which)
+        problem = _problem(load, folder)
+        if problem is not None:
+            raise BadInput(f"--checkpoint {which}: {folder} does not load ({problem})")
+        return step, folder
+    tried: set[Path] = set()
+    bad: list[str] = []
+    while todo := [c for c in reversed(ckpt.complete_checkpoints(run)) if c[1] not in tried]:
+        step, folder = todo[0]
+        tried.add(folder)
+        problem = _problem(load, folder)
+        if problem is None:
+            return step, folder
+        bad.append(f"{folder.name}: {problem}")
+        ckpt.warn(f"checkpoint {folder} does not load ({problem}); trying the next newest")
+    if not bad:
+        raise BadInput(f"{run}: no complete checkpoint under {run / 'checkpoints'}")
+    raise BadInput(f"{run}: no checkpoint loads ({'; '.join(bad)})")
+
+
+def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema", out: Path | None = None) -> Path:
+    """Rebuild the trained denoiser of ``run`` at a checkpoint (live or EMA weights) and write its export."""
+    from apexctl.lora import make_trainable
+    from apexctl.models import load_for_recipe, resolve_model_path
+    from apexctl.recipe import load_recipe
+
+    run = Path(run)
+    if not (run / "recipe.yaml").is_file():
+        raise BadInput(f"{run}: not a run folder (no recipe.yaml)")
+    if weights not in ("ema", "live"):
+        raise BadInput(f"--weights {weights!r}: expected ema or live")
+    recipe = load_recipe(run / "recipe.yaml")
+    if which != "latest":
+        find_checkpoint(run, which)  # a bad --checkpoint is refused before the model is loaded
+    model_dir = resolve_model_path(recipe.model.path)
+    backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
+    make_trainable(backbone, recipe.model.lora)  # as trained: the same parameters, the same dtypes
+    step, _ = load_checkpoint(run, which, lambda folder: _load_into(backbone.transformer, folder, weights))
+    kind = "lora" if recipe.model.lora is not None else "model"
     out = Path(out) if out is not None else run / "exports" / f"step-{step:06d}-{kind}-{weights}"
     return write_export(backbone, recipe, out, model_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
@@ -269,9 +270,38 @@ def _run_table(run: Path, recipe: Recipe, rows: Sequence[dict[str, Any]]) -> str
         ("steps (recipe)", recipe.train.steps),
         ("last logged step", last.get("step")),
         ("last loss", last.get("loss")),
-        ("training time (s, logged steps)", round(sum(r.get("step_time", 0.0) for r in rows), 1) if rows else None),
+        *_time_rows(run, rows),
     ]
     return html_table(["", ""], items)
+
+
+def _time_rows(run: Path, rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The run's wall time from ``RUN/run.json`` (summed over resumed segments: loading, steps, checkpoints,
+    grids, export) and the median logged step time. The logged steps' sum is no training time: with
+    ``log_every: N`` it counts one step in N, and it leaves out everything around the steps."""
+    try:
+        info = json.loads((Path(run) / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    wall = info.get("wall_time_s") if isinstance(info, dict) else None
+    if isinstance(wall, (int, float)):
+        lower = "" if info.get("wall_time_known", True) else "≥ "  # resumed from a checkpoint without the record
+        parts = info.get("segments", 1)
+        when = "finished" if info.get("finished") else f"at step {info.get('step')}"
+        wall_cell: Any = f"{lower}{wall:.1f} s ({_duration(wall)}; {when}, {parts} segment{'s' * (parts != 1)})"
+    else:
+        wall_cell = "unknown (no run.json: the run is still going, or an older apexctl wrote it)"
+    times = [r["step_time"] for r in rows if isinstance(r.get("step_time"), (int, float))]
+    return [
+        ("wall time", wall_cell),
+        ("median step time (s, logged steps)", statistics.median(times) if times else None),
+    ]
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def write_report(

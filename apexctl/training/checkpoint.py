@@ -118,6 +118,16 @@ def discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint to ``step-N.damaged``: out of every lookup and of ``keep_last``, kept (never
+    deleted by apexctl) for a look; returns the new path."""
+    aside = folder.with_name(f"{folder.name}.damaged")
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(folder, aside)
+    return aside
+
+
 def sweep(run: Path) -> None:
     """Delete what killed saves and prunes left under ``RUN/checkpoints`` (called by the run's lock holder)."""
     root = run / "checkpoints"
@@ -205,7 +215,8 @@ def resume_from(sess: Session, resume: str | None) -> dict:
     Returns the loaded checkpoint's ``COMPLETE`` info ({} when starting from step 0).
 
     ``auto`` passes over a damaged checkpoint (truncated or missing files) with a warning naming it and takes the
-    one before; it refuses (exit 2) when checkpoints exist and none loads, rather than silently start over."""
+    one before; once one loads, the damaged ones are set aside (:func:`set_aside`). It refuses (exit 2) when
+    checkpoints exist and none loads, rather than silently start over."""
     if not resume:
         return {}
     acc = sess.acc
@@ -219,18 +230,22 @@ def resume_from(sess: Session, resume: str | None) -> dict:
         acc.print(f"resumed from {p} at step {sess.counter.step}")
         return read_info(p)
     done = complete_checkpoints(sess.run)
-    bad: list[str] = []
+    bad: list[tuple[Path, str]] = []
     for _, folder in reversed(done):
         problem = gather(acc, check_loadable(folder))[0] or _load(sess, folder)
         if problem is None:
+            if acc.is_main_process:
+                for damaged, _ in bad:
+                    warn(f"moved the damaged checkpoint {damaged} aside to {set_aside(damaged)}")
+            acc.wait_for_everyone()
             acc.print(f"resumed from {folder} at step {sess.counter.step}")
             return read_info(folder)
-        bad.append(f"{folder.name}: {problem}")
+        bad.append((folder, problem))
         if acc.is_main_process:
             warn(f"checkpoint {folder} does not load ({problem}); trying the one before it")
     if done:
         raise BadInput(
-            f"--resume auto: no checkpoint of {sess.run} loads ({'; '.join(bad)}); "
+            f"--resume auto: no checkpoint of {sess.run} loads ({'; '.join(f'{f.name}: {p}' for f, p in bad)}); "
             f"remove {sess.run / 'checkpoints'} to start over"
         )
     if acc.is_main_process:
