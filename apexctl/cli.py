@@ -293,8 +293,13 @@ def _judged_eval_command(setting: str, default_recipe: str, doc: str) -> None:
         ] = Path(default_recipe),
         per_prompt: Annotated[int, typer.Option("--per-prompt", min=2, help="images per evaluation prompt")] = 100,
         teacher_steps: Annotated[
-            int, typer.Option("--teacher-steps", min=1, help="Euler steps of the multi-step teacher row")
-        ] = 50,
+            Optional[int],
+            typer.Option(
+                "--teacher-steps",
+                min=1,
+                help="Euler steps of the multi-step teacher row (default: data.synthesize.steps, else 50)",
+            ),
+        ] = None,
         student_steps: Annotated[
             Optional[list[int]], typer.Option("--student-steps", min=1, help="student rows (repeatable)")
         ] = None,
