@@ -89,3 +89,20 @@ def block_encoders(monkeypatch) -> None:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def save_random_lora(model: str, dest: Path, seed: int = 0) -> Path:
+    """A rank-2 LoRA with random (non-zero) weights on ``model``'s default targets, saved to ``dest`` as a trained
+    one is (for tests that only need an adapter that changes the images)."""
+    import torch
+
+    from apexctl.lora import add_lora
+    from apexctl.models import load_backbone
+
+    bb = load_backbone(model)
+    add_lora(bb.transformer, rank=2, alpha=2.0, targets=bb.lora_targets, dropout=0.0, init="gaussian")
+    with torch.no_grad():
+        for name, p in bb.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return bb.save_lora(dest)

@@ -329,18 +329,9 @@ def test_grid_glyph_marks():
 
 def test_generation_with_a_lora_folder(generated, tmp_path):
     """--lora FOLDER --model BASE: the adapter is applied (images differ from the base model's, same seeds)."""
-    import torch
+    from data_util import save_random_lora
 
-    from apexctl.lora import add_lora
-    from apexctl.models import load_backbone
-
-    bb = load_backbone("tiny:test")
-    add_lora(bb.transformer, rank=2, alpha=2.0, targets=bb.lora_targets, dropout=0.0, init="gaussian")
-    with torch.no_grad():
-        for name, p in bb.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    bb.save_lora(tmp_path / "lora")
+    save_random_lora("tiny:test", tmp_path / "lora", seed=1)
     args = ["--size", "32", "--per-prompt", "1", "--prompts", "0", "--no-score", "--images", str(tmp_path / "img")]
     res = _cli("--lora", str(tmp_path / "lora"), *args)
     assert res.exit_code == 2 and "needs --model BASE" in res.output

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from data_util import save_random_lora
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -319,8 +320,6 @@ def test_native_size_is_the_stock_pipelines_default(backbones, family):
 
 def test_a_lora_run_is_the_newest_run(tmp_path, monkeypatch):
     """Defect 9: `apexctl sample` with no model finds a LoRA run (lora/, no model/) and samples base + LoRA."""
-    from apexctl.lora import add_lora
-
     run = tmp_path / "runs" / "lora-run"
     tree = {
         "model": {"path": DIGITS, "lora": {"rank": 2, "alpha": 2.0, "init": "gaussian"}},
@@ -328,13 +327,7 @@ def test_a_lora_run_is_the_newest_run(tmp_path, monkeypatch):
         "sample": {"steps": 1},
         "output": {"dir": "elsewhere"},  # the run folder was moved: its own location wins
     }
-    bb = load_backbone(resolve_model_path(DIGITS))
-    add_lora(bb.transformer, rank=2, alpha=2.0, targets=bb.lora_targets, dropout=0.0, init="gaussian")
-    with torch.no_grad():
-        for name, p in bb.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    bb.save_lora(run / "lora")
+    save_random_lora(DIGITS, run / "lora")
     run.mkdir(exist_ok=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(tree))
     monkeypatch.chdir(tmp_path)
