@@ -21,7 +21,7 @@ from typing import Any
 
 from apexctl.engine.sampler import Method, Renoise
 from apexctl.errors import BadInput
-from apexctl.recipe import Recipe, SampleSpec
+from apexctl.recipe import Recipe, SampleSpec, load_recipe
 
 #: objectives whose trained model is a one/few-step student (``auto`` → few-step for N > 1 steps)
 DISTILLED_OBJECTIVES = ("apex", "apex_paper")
@@ -121,8 +121,6 @@ def resolve_sample_settings(
 def teacher_run_sample(teacher_dir: str | Path) -> SampleSpec:
     """The teacher's own ``sample`` section: that of the run that trained it (``RUN/recipe.yaml`` next to
     ``RUN/model``), else the defaults."""
-    from apexctl.recipe import load_recipe
-
     rec = Path(teacher_dir).parent / "recipe.yaml"
     if Path(teacher_dir).is_dir() and rec.is_file():
         return load_recipe(rec).sample
