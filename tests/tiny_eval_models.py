@@ -10,21 +10,12 @@ def build_tiny_clip(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+    from apexctl.models.tiny_parts import clip_text_config
     from apexctl.models.tokenizers import clip_tokenizer_det
 
     torch.manual_seed(seed)
     tok = clip_tokenizer_det()
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    text = clip_text_config(tok, 16).to_dict()  # the text tower of the tiny SD3 / FLUX builds
     vision = dict(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )

@@ -25,8 +25,6 @@ import uuid
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-import torch
-
 from apexctl.errors import BadInput
 from apexctl.models.base import MODEL_MARKER
 
@@ -133,6 +131,7 @@ def build_tiny_qwen_image(out_dir: str | Path, *, preset: str = "test", seed: in
 
     from apexctl.models.base import PixelCodec
     from apexctl.models.qwen_image import QwenImageBackbone
+    from apexctl.models.tiny_parts import save_tiny, seeded
     from apexctl.models.tokenizers import qwen2_tokenizer
 
     s = _sizes(preset, sizes)
@@ -142,8 +141,7 @@ def build_tiny_qwen_image(out_dir: str | Path, *, preset: str = "test", seed: in
         tok = qwen2_tokenizer(vocabulary_corpus())
     else:
         tok = qwen2_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         if preset == "test":
             codec = AutoencoderKLQwenImage(
                 base_dim=8,
@@ -204,9 +202,7 @@ def build_tiny_qwen_image(out_dir: str | Path, *, preset: str = "test", seed: in
         tokenizer=tok,
         codec=codec,
     )
-    out = Path(out_dir)
-    backbone.save_pretrained(out)
-    return out
+    return save_tiny(backbone, out_dir)
 
 
 def apexctl_home() -> Path:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from apexctl.models.tiny_parts import clip_text_config, kl_vae, save_tiny, seeded, t5_encoder
 from apexctl.models.tokenizers import clip_tokenizer_det, t5_tokenizer_det
 
 #: FLUX.1-schnell's scheduler config (no dynamic shifting)
@@ -34,28 +33,14 @@ FLUX_SHIFT_FACTOR = 0.1159
 def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = False) -> Path:
     """Build the tiny Flux model from ``seed`` and save it to ``out_dir`` (a folder ``FluxBackbone.from_pretrained``
     and ``FluxPipeline.from_pretrained`` both load). The global torch RNG is left untouched."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     from apexctl.models.flux import FluxBackbone
 
     tok, tok_2 = clip_tokenizer_det(), t5_tokenizer_det()
     clip_hidden, t5_dim = 16, 32
-
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tok),
-        hidden_size=clip_hidden,
-        intermediate_size=2 * clip_hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-        eos_token_id=eos,  # not 2: pooled output at the first eos token (not the legacy argmax)
-        pad_token_id=eos,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=16,
@@ -68,35 +53,9 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = 
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(4, 6, 6),
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            block_out_channels=[8, 16],
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=FLUX_SCALING_FACTOR,
-            shift_factor=FLUX_SHIFT_FACTOR,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        text_encoder = CLIPTextModel(clip_config)
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tok_2),
-                d_model=t5_dim,
-                d_kv=8,
-                d_ff=2 * t5_dim,
-                num_layers=2,
-                num_heads=2,
-                pad_token_id=tok_2.pad_token_id,
-                eos_token_id=tok_2.eos_token_id,
-                decoder_start_token_id=tok_2.pad_token_id,
-            )
-        )
+        vae = kl_vae([8, 16], scaling_factor=FLUX_SCALING_FACTOR, shift_factor=FLUX_SHIFT_FACTOR)
+        text_encoder = CLIPTextModel(clip_text_config(tok, clip_hidden))
+        text_encoder_2 = t5_encoder(tok_2, t5_dim)
     scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER))
     backbone = FluxBackbone(
         transformer,
@@ -106,7 +65,5 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = 
         tokenizer=tok,
         tokenizer_2=tok_2,
         codec=vae,
-    )  # puts the text encoders in eval mode (no T5 dropout)
-    out = Path(out_dir)
-    backbone.save_pretrained(out)
-    return out
+    )
+    return save_tiny(backbone, out_dir)

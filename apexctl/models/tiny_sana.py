@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+from apexctl.models.tiny_parts import save_tiny, seeded
 
 if TYPE_CHECKING:
     from transformers import GemmaTokenizer
@@ -76,8 +76,7 @@ def build_tiny_sana(out_dir: str | Path, seed: int = 0) -> Path:
     from apexctl.models.sana import SanaBackbone
 
     tok = gemma_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         codec = AutoencoderDC(
             in_channels=3,
             latent_channels=4,
@@ -131,6 +130,4 @@ def build_tiny_sana(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer=tok,
         codec=codec,
     )
-    out = Path(out_dir)
-    backbone.save_pretrained(out)
-    return out
+    return save_tiny(backbone, out_dir)

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from apexctl.models.tiny_parts import clip_text_config, kl_vae, save_tiny, seeded, t5_encoder
 from apexctl.models.tokenizers import clip_tokenizer_det, t5_tokenizer_det
 
 #: SD3 / SD3.5's own scheduler config (static shift 3, no dynamic shifting)
@@ -27,31 +26,15 @@ SD3_SHIFT_FACTOR = 0.0609
 def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny SD3 model from ``seed`` and save it to ``out_dir`` (a folder ``SD3Backbone.from_pretrained`` and
     ``StableDiffusion3Pipeline.from_pretrained`` both load). The global torch RNG is left untouched."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
 
     from apexctl.models.sd3 import SD3Backbone
 
     tok, tok_2, tok_3 = clip_tokenizer_det(), clip_tokenizer_det(), t5_tokenizer_det()
     clip_hidden, clip_proj, t5_dim = 16, 16, 48  # 2 × 16 CLIP features zero-padded to the T5 width, as in SD3
-
-    def clip_config() -> CLIPTextConfig:
-        eos = tok.convert_tokens_to_ids("<|endoftext|>")
-        return CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=clip_hidden,
-            intermediate_size=2 * clip_hidden,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            projection_dim=clip_proj,
-            max_position_embeddings=77,
-            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
-            eos_token_id=eos,  # not 2: pooled output at the first eos token (not the legacy argmax)
-            pad_token_id=eos,
-        )
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    clip_config = clip_text_config(tok, clip_hidden, projection_dim=clip_proj)
+    with seeded(seed):
         transformer = SD3Transformer2DModel(
             sample_size=8,
             patch_size=2,
@@ -66,36 +49,10 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
             pos_embed_max_size=32,
             qk_norm="rms_norm",  # SD3.5
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3,
-            block_out_channels=[8, 16, 16],
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=SD3_SCALING_FACTOR,
-            shift_factor=SD3_SHIFT_FACTOR,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        text_encoder = CLIPTextModelWithProjection(clip_config())
-        text_encoder_2 = CLIPTextModelWithProjection(clip_config())
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tok_3),
-                d_model=t5_dim,
-                d_kv=8,
-                d_ff=2 * t5_dim,
-                num_layers=2,
-                num_heads=2,
-                pad_token_id=tok_3.pad_token_id,
-                eos_token_id=tok_3.eos_token_id,
-                decoder_start_token_id=tok_3.pad_token_id,
-            )
-        )
+        vae = kl_vae([8, 16, 16], scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR)
+        text_encoder = CLIPTextModelWithProjection(clip_config)
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+        text_encoder_3 = t5_encoder(tok_3, t5_dim)
     backbone = SD3Backbone(
         transformer,
         FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
@@ -106,7 +63,5 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer_2=tok_2,
         tokenizer_3=tok_3,
         codec=vae,
-    )  # puts the text encoders in eval mode (no T5 dropout)
-    out = Path(out_dir)
-    backbone.save_pretrained(out)
-    return out
+    )
+    return save_tiny(backbone, out_dir)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from apexctl.models.tiny_parts import kl_vae, save_tiny, seeded
+
 TEXT_HIDDEN = 16
 #: the hub Z-Image scheduler config
 Z_IMAGE_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
@@ -32,27 +34,15 @@ def z_image_tokenizer():
 
 def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny Z-Image model from ``seed`` into ``out_dir``; the global torch RNG is left untouched."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     from apexctl.models.z_image import ZImageBackbone
 
     tok = z_image_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        codec = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.3611,  # the Flux VAE's, as Z-Image uses
-            shift_factor=0.1159,
-        )
+    with seeded(seed):
+        # the Flux VAE's normalisation, as Z-Image uses
+        codec = kl_vae([8, 16], scaling_factor=0.3611, shift_factor=0.1159, quant_conv=True)
         transformer = ZImageTransformer2DModel(
             all_patch_size=(2,),
             all_f_patch_size=(1,),
@@ -91,6 +81,4 @@ def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer=tok,
         codec=codec,
     )
-    out = Path(out_dir)
-    backbone.save_pretrained(out)
-    return out
+    return save_tiny(backbone, out_dir)
