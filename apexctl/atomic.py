@@ -1,4 +1,4 @@
-"""Atomic writes (DESIGN §3): write to a temporary name in the same folder, fsync, rename.
+"""Atomic writes (docs/design.md §3): write to a temporary name in the same folder, fsync, rename.
 
 A folder is written as a hidden sibling ``.NAME.HOST.PID.XXXXXXXX.tmp`` and an old ``NAME`` it replaces is moved to
 ``.NAME.HOST.PID.XXXXXXXX.old`` before it is deleted. A writer killed before it could clean up leaves one of these

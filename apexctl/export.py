@@ -1,5 +1,5 @@
 """What a run hands to users: the LoRA (diffusers, optionally ComfyUI) or a complete model folder — written at the
-end of training and, by ``apexctl export``, from any complete checkpoint.
+end of training and, by ``apexctl export``, from any complete checkpoint (by default the newest one that loads).
 
 A checkpoint is accelerate's ``save_state`` folder: ``model.safetensors`` (the denoiser's state dict, adapter keys
 included) and one pickle per registered object; the EMA is found by its content (``{"decay", "shadow"}``), not by

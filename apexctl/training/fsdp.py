@@ -69,13 +69,6 @@ def save_model(model: nn.Module, path: Path, main: bool) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
-def load_model(model: nn.Module, path: Path, main: bool) -> None:
-    """The weights of ``model.safetensors``: read by rank 0 only (host memory for one full copy, not one per rank)."""
-    from safetensors.torch import load_file
-
-    load_full_model_state(model, load_file(str(path)) if main else {})
-
-
 class OptimizerState:
     """A checkpointing object for accelerate (``register_for_checkpointing``): the optimizer's full state, keyed by
     parameter name. accelerate calls ``state_dict`` on every rank (the gather is a collective) and writes rank 0's;
