@@ -30,6 +30,7 @@ from apexctl.lora import WEIGHT_NAME
 from apexctl.models import FAMILIES, detect_family, load_backbone, resolve_model_path
 from apexctl.models.base import Cond
 from apexctl.models.components import FROZEN_ROLES
+from apexctl.models.mmdit import pack_latents, unpack_latents
 
 #: a tuple: ZImagePipeline rewrites the prompt list it is given in place, so each call gets a fresh list
 PROMPTS = ("a red fox", "a handwritten digit seven in the snow")
@@ -83,21 +84,21 @@ class Stock:
         return length
 
 
-class QwenImage(Stock):
+class Packed(Stock):
+    """A pipeline whose latents are 2×2 patches as tokens (Qwen-Image, FLUX)."""
+
+    def to_pipe(self, z):
+        return pack_latents(z)
+
+    def from_pipe(self, x, z):
+        return unpack_latents(x, *z.shape[-2:])
+
+
+class QwenImage(Packed):
     spec, site, latents_32 = "tiny:test", "txt_in", (4, 8, 8)
 
     def call(self, guidance: float, n: int) -> dict:
         return {"true_cfg_scale": guidance, "negative_prompt": _negative(guidance, n)}
-
-    def to_pipe(self, z):
-        from apexctl.models.qwen_image import pack_latents
-
-        return pack_latents(z)
-
-    def from_pipe(self, x, z):
-        from apexctl.models.qwen_image import unpack_latents
-
-        return unpack_latents(x, *z.shape[-2:])
 
     def encode(self, pipe, prompts):
         return Cond(*pipe.encode_prompt(prompts, device="cpu"))
@@ -152,7 +153,7 @@ class SD3(Stock):
         return Cond(embeds, pooled=pooled)
 
 
-class Flux(Stock):
+class Flux(Packed):
     spec, site = "tiny:flux", "context_embedder"
     embed_dim, pooled_dim, tokens = 32, 16, 512
     #: the pipeline's ``guidance_scale`` is the distilled guidance input of dev models (schnell ignores it)
@@ -160,16 +161,6 @@ class Flux(Stock):
 
     def call(self, guidance, n):
         return {"true_cfg_scale": guidance, "guidance_scale": self.embedded, "negative_prompt": _negative(guidance, n)}
-
-    def to_pipe(self, z):
-        from apexctl.models.flux import pack_latents
-
-        return pack_latents(z)
-
-    def from_pipe(self, x, z):
-        from apexctl.models.flux import unpack_latents
-
-        return unpack_latents(x, *z.shape[-2:])
 
     def encode(self, pipe, prompts):
         embeds, pooled, _ = pipe.encode_prompt(prompts, None, device="cpu")

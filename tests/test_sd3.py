@@ -16,8 +16,6 @@ from apexctl.models.sd3 import SD3Backbone
 from apexctl.models.tiny_sd3 import build_tiny_sd3
 from apexctl.models.tokenizers import clip_tokenizer_det, t5_tokenizer_det
 
-PROMPTS = ["a red fox", "a handwritten digit seven in the snow"]
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -49,9 +47,10 @@ def test_a_folder_without_t5_loads_encodes_and_saves_without_it(folder, tmp_path
     bb = SD3Backbone.from_pretrained(no_t5)
     assert bb.text_encoder_3 is None and bb.tokenizer_3 is None and bb.text_encoder_2 is not None
     pipe = StableDiffusion3Pipeline.from_pretrained(no_t5, text_encoder_3=None, tokenizer_3=None)
-    ours = bb.encode_prompts(PROMPTS)
+    prompts = ["a red fox", "two cats"]
+    ours = bb.encode_prompts(prompts)
     with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=False)
     assert torch.equal(ours.embeds, embeds) and torch.equal(ours.pooled, pooled)
     assert ours.embeds.shape[1] == 77 + 256 and not ours.embeds[:, 77:].any()  # the T5 tokens are zeros
     for source in (no_t5, None):  # linked from the folder or saved from memory: still without T5

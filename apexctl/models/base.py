@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,15 +45,9 @@ class Backbone(ABC, nn.Module):
     # -- loading / saving ---------------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        load_text_encoder: bool = True,
-        load_codec: bool = True,
-    ) -> Backbone:
-        """Load from a local diffusers-style folder or a hub id."""
+    def from_pretrained(cls, path: str | Path, **options: Any) -> Backbone:
+        """Load from a local diffusers-style folder or a hub id. Every family takes ``dtype`` (default fp32),
+        ``load_text_encoder`` and ``load_codec`` (default True; without them prompts / images cannot be encoded)."""
 
     def save_pretrained(self, path: str | Path, *, source: str | Path | None = None) -> None:
         """Write a complete model folder atomically (temp sibling, then rename; an existing folder is replaced last)

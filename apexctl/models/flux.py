@@ -30,20 +30,7 @@ from torch import nn
 
 from apexctl.models.base import Cond, ScaledKLCodec
 from apexctl.models.components import Part, PipelineBackbone, prompt_list
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` → ``[B, (h/2)(w/2), 4C]``, exactly ``FluxPipeline._pack_latents``."""
-    b, c, h, w = latents.shape
-    latents = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return latents.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of ``pack_latents`` for latents ``h × w`` (``FluxPipeline._unpack_latents`` in latent units)."""
-    b, _, channels = latents.shape
-    latents = latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return latents.reshape(b, channels // 4, h, w)
+from apexctl.models.mmdit import JOINT_ATTENTION, PooledText, pack_latents, unpack_latents
 
 
 def latent_image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
@@ -54,7 +41,7 @@ def latent_image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxBackbone(ScaledKLCodec, PipelineBackbone):
+class FluxBackbone(ScaledKLCodec, PooledText, PipelineBackbone):
     """FLUX.1 schnell / dev (``FluxPipeline``'s components). ``transformer`` is trainable; the CLIP and T5 text
     encoders and the VAE are frozen. Text encoders / codec may be ``None`` when loaded without them."""
 
@@ -73,18 +60,7 @@ class FluxBackbone(ScaledKLCodec, PipelineBackbone):
     )
     absent_parts = ("image_encoder", "feature_extractor")
     comfyui = True
-    lora_targets = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-        "proj_mlp",
-        "proj_out",
-    ]
+    lora_targets = [*JOINT_ATTENTION, "proj_mlp", "proj_out"]
     #: FluxPipeline.__call__'s default max_sequence_length (T5 tokens)
     max_sequence_length = 512
 
@@ -112,20 +88,7 @@ class FluxBackbone(ScaledKLCodec, PipelineBackbone):
             device=self._text_device(),
             max_sequence_length=self.max_sequence_length,
         )
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return Cond(embeds=embeds, mask=mask, pooled=pooled)
-
-    def condition_site(self) -> nn.Module:
-        """``transformer.context_embedder``: the DiT's projection of the T5 embeddings to its width."""
-        return self.transformer.context_embedder
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.transformer.config.joint_attention_dim)
-
-    @property
-    def pooled_dim(self) -> int:
-        return int(self.transformer.config.pooled_projection_dim)
+        return self._all_tokens(embeds, pooled)
 
     # -- images <-> latents --------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -140,8 +103,6 @@ class FluxBackbone(ScaledKLCodec, PipelineBackbone):
 
         ``cond.mask`` is not used: the Flux transformer has no attention mask (all tokens attend, as in the pipeline).
         """
-        if cond.pooled is None:
-            raise ValueError("Flux needs pooled text embeddings (Cond.pooled), got None")
         b, _, h, w = x_t.shape
         dtype = self.transformer.x_embedder.weight.dtype
         device = x_t.device
@@ -158,7 +119,7 @@ class FluxBackbone(ScaledKLCodec, PipelineBackbone):
             hidden_states=pack_latents(x_t.to(dtype)),
             timestep=timestep,
             guidance=guidance,
-            pooled_projections=cond.pooled.to(dtype),
+            pooled_projections=self._pooled(cond).to(dtype),
             encoder_hidden_states=cond.embeds.to(dtype),
             txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=device, dtype=text_dtype),
             img_ids=latent_image_ids(h, w, device=device, dtype=dtype),

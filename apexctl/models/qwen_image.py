@@ -20,22 +20,7 @@ from apexctl.errors import BadInput
 from apexctl.hub import load_component, write_json
 from apexctl.models.base import Cond, PixelCodec
 from apexctl.models.components import Part, PipelineBackbone, prompt_list
-
-
-def pack_latents(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` → ``[B, (h/2)(w/2), 4C]``, the same layout as ``QwenImagePipeline._pack_latents``."""
-    b, c, h, w = x.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"Qwen-Image latents need even height and width for 2x2 packing, got {h}x{w}")
-    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of ``pack_latents``: ``[B, (h/2)(w/2), 4C]`` → ``[B, C, h, w]``."""
-    b, _, d = x.shape
-    x = x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
+from apexctl.models.mmdit import JOINT_ATTENTION, pack_latents, unpack_latents
 
 
 class QwenImageBackbone(PipelineBackbone):
@@ -56,20 +41,7 @@ class QwenImageBackbone(PipelineBackbone):
         Part("vae", "diffusers", "AutoencoderKLQwenImage"),
     )
     comfyui = True
-    lora_targets = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-        "img_mlp.net.0.proj",
-        "img_mlp.net.2",
-        "txt_mlp.net.0.proj",
-        "txt_mlp.net.2",
-    ]
+    lora_targets = [*JOINT_ATTENTION, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
     #: QwenImagePipeline.__call__'s default max_sequence_length (prompt tokens after the template)
     max_sequence_length = 512
 

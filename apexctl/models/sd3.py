@@ -21,13 +21,13 @@ diffusers / transformers are imported inside the functions that need them, so ``
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from apexctl.models.base import Cond, ScaledKLCodec
 from apexctl.models.components import Part, PipelineBackbone, prompt_list
+from apexctl.models.mmdit import JOINT_ATTENTION, PooledText
 
 
-class SD3Backbone(ScaledKLCodec, PipelineBackbone):
+class SD3Backbone(ScaledKLCodec, PooledText, PipelineBackbone):
     """Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``'s components). ``transformer`` is trainable; the
     three text encoders and the VAE are frozen. Text encoders / codec may be ``None`` when loaded without them
     (``text_encoder_3`` may also be absent from a folder: the pipeline then uses zeros for the T5 tokens)."""
@@ -50,16 +50,7 @@ class SD3Backbone(ScaledKLCodec, PipelineBackbone):
     )
     absent_parts = ("image_encoder", "feature_extractor")
     comfyui = True
-    lora_targets = [
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
-    ]
+    lora_targets = list(JOINT_ATTENTION)
     #: StableDiffusion3Pipeline.__call__'s default max_sequence_length (T5 tokens)
     max_sequence_length = 256
 
@@ -78,20 +69,7 @@ class SD3Backbone(ScaledKLCodec, PipelineBackbone):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return Cond(embeds=embeds, mask=mask, pooled=pooled)
-
-    def condition_site(self) -> nn.Module:
-        """``transformer.context_embedder``: the DiT's projection of the joint text embeddings to its width."""
-        return self.transformer.context_embedder
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.transformer.config.joint_attention_dim)
-
-    @property
-    def pooled_dim(self) -> int:
-        return int(self.transformer.config.pooled_projection_dim)
+        return self._all_tokens(embeds, pooled)
 
     # -- images <-> latents --------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -105,8 +83,6 @@ class SD3Backbone(ScaledKLCodec, PipelineBackbone):
 
         ``cond.mask`` is not used: the SD3 transformer has no attention mask (all tokens attend, as in the pipeline).
         """
-        if cond.pooled is None:
-            raise ValueError("SD3 needs pooled text embeddings (Cond.pooled), got None")
         b = x_t.shape[0]
         dtype = self.transformer.pos_embed.proj.weight.dtype
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b).float()
@@ -116,7 +92,7 @@ class SD3Backbone(ScaledKLCodec, PipelineBackbone):
             hidden_states=x_t.to(dtype),
             timestep=timestep,
             encoder_hidden_states=cond.embeds.to(dtype),
-            pooled_projections=cond.pooled.to(dtype),
+            pooled_projections=self._pooled(cond).to(dtype),
             return_dict=False,
         )[0]
         return out.to(x_t.dtype)

@@ -126,7 +126,7 @@ def build_tiny_qwen_image(out_dir: str | Path, *, preset: str = "test", seed: in
 
     Deterministic: the same (preset, seed, sizes) gives identical files. The global torch RNG is left untouched.
     """
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from apexctl.models.base import PixelCodec
@@ -195,14 +195,9 @@ def build_tiny_qwen_image(out_dir: str | Path, *, preset: str = "test", seed: in
                 **ids,
             )
         )
-    backbone = QwenImageBackbone(
-        transformer,
-        FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        codec=codec,
+    return save_tiny(
+        QwenImageBackbone, out_dir, transformer, QWEN_IMAGE_SCHEDULER, codec, text_encoder=text_encoder, tokenizer=tok
     )
-    return save_tiny(backbone, out_dir)
 
 
 def apexctl_home() -> Path:

@@ -33,7 +33,7 @@ FLUX_SHIFT_FACTOR = 0.1159
 def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = False) -> Path:
     """Build the tiny Flux model from ``seed`` and save it to ``out_dir`` (a folder ``FluxBackbone.from_pretrained``
     and ``FluxPipeline.from_pretrained`` both load). The global torch RNG is left untouched."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     from apexctl.models.flux import FluxBackbone
@@ -54,16 +54,9 @@ def build_tiny_flux(out_dir: str | Path, seed: int = 0, guidance_embeds: bool = 
             axes_dims_rope=(4, 6, 6),
         )
         vae = kl_vae([8, 16], scaling_factor=FLUX_SCALING_FACTOR, shift_factor=FLUX_SHIFT_FACTOR)
-        text_encoder = CLIPTextModel(clip_text_config(tok, clip_hidden))
-        text_encoder_2 = t5_encoder(tok_2, t5_dim)
-    scheduler = FlowMatchEulerDiscreteScheduler(**(FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER))
-    backbone = FluxBackbone(
-        transformer,
-        scheduler,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tok,
-        tokenizer_2=tok_2,
-        codec=vae,
-    )
-    return save_tiny(backbone, out_dir)
+        text = {
+            "text_encoder": CLIPTextModel(clip_text_config(tok, clip_hidden)),
+            "text_encoder_2": t5_encoder(tok_2, t5_dim),
+        }
+    scheduler = FLUX_DEV_SCHEDULER if guidance_embeds else FLUX_SCHNELL_SCHEDULER
+    return save_tiny(FluxBackbone, out_dir, transformer, scheduler, vae, **text, tokenizer=tok, tokenizer_2=tok_2)

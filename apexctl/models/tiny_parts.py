@@ -86,9 +86,13 @@ def kl_vae(
     )
 
 
-def save_tiny(backbone: Any, out_dir: str | Path) -> Path:
-    """Save a freshly built tiny ``backbone`` (its constructor put the frozen parts in eval mode: no dropout) to
-    ``out_dir`` through the same ``save_pretrained`` as a real model."""
+def save_tiny(family: type, out_dir: str | Path, transformer: Any, scheduler: dict, codec: Any, **text: Any) -> Path:
+    """Assemble ``family(transformer, FlowMatchEulerDiscreteScheduler(**scheduler), codec=codec, **text)`` (its
+    constructor puts the frozen parts in eval mode: no dropout) and save it to ``out_dir`` through the same
+    ``save_pretrained`` as a real model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    backbone = family(transformer, FlowMatchEulerDiscreteScheduler(**scheduler), codec=codec, **text)
     out = Path(out_dir)
     backbone.save_pretrained(out)
     return out

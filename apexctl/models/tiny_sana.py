@@ -70,7 +70,7 @@ def gemma_tokenizer() -> GemmaTokenizer:
 
 def build_tiny_sana(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny SANA model from ``seed`` into ``out_dir``; the global torch RNG is left untouched."""
-    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     from apexctl.models.sana import SanaBackbone
@@ -123,11 +123,6 @@ def build_tiny_sana(out_dir: str | Path, seed: int = 0) -> Path:
                 attn_implementation="eager",
             )
         ).eval()
-    backbone = SanaBackbone(
-        transformer,
-        FlowMatchEulerDiscreteScheduler(**SANA_SCHEDULER),
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        codec=codec,
+    return save_tiny(
+        SanaBackbone, out_dir, transformer, SANA_SCHEDULER, codec, text_encoder=text_encoder, tokenizer=tok
     )
-    return save_tiny(backbone, out_dir)

@@ -26,7 +26,7 @@ SD3_SHIFT_FACTOR = 0.0609
 def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny SD3 model from ``seed`` and save it to ``out_dir`` (a folder ``SD3Backbone.from_pretrained`` and
     ``StableDiffusion3Pipeline.from_pretrained`` both load). The global torch RNG is left untouched."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
     from apexctl.models.sd3 import SD3Backbone
@@ -50,18 +50,7 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
             qk_norm="rms_norm",  # SD3.5
         )
         vae = kl_vae([8, 16, 16], scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR)
-        text_encoder = CLIPTextModelWithProjection(clip_config)
-        text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-        text_encoder_3 = t5_encoder(tok_3, t5_dim)
-    backbone = SD3Backbone(
-        transformer,
-        FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer=tok,
-        tokenizer_2=tok_2,
-        tokenizer_3=tok_3,
-        codec=vae,
-    )
-    return save_tiny(backbone, out_dir)
+        text = {name: CLIPTextModelWithProjection(clip_config) for name in ("text_encoder", "text_encoder_2")}
+        text["text_encoder_3"] = t5_encoder(tok_3, t5_dim)
+    tokenizers = {"tokenizer": tok, "tokenizer_2": tok_2, "tokenizer_3": tok_3}
+    return save_tiny(SD3Backbone, out_dir, transformer, SD3_SCHEDULER, vae, **text, **tokenizers)

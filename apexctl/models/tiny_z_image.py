@@ -34,7 +34,7 @@ def z_image_tokenizer():
 
 def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny Z-Image model from ``seed`` into ``out_dir``; the global torch RNG is left untouched."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     from apexctl.models.z_image import ZImageBackbone
@@ -74,11 +74,6 @@ def build_tiny_z_image(out_dir: str | Path, seed: int = 0) -> Path:
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
             )
         ).eval()
-    backbone = ZImageBackbone(
-        transformer,
-        FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER),
-        text_encoder=text_encoder,
-        tokenizer=tok,
-        codec=codec,
+    return save_tiny(
+        ZImageBackbone, out_dir, transformer, Z_IMAGE_SCHEDULER, codec, text_encoder=text_encoder, tokenizer=tok
     )
-    return save_tiny(backbone, out_dir)
