@@ -1,1 +1,1 @@
-"""Evaluation: the digits judge (`digits`), and GenEval / FID / CLIP score for real models (DESIGN §8)."""
+"""Evaluation, one subpackage per protocol: geneval, fid, clip, the toy judges (digits, scenes), report; the image sets they share (DESIGN §8)."""

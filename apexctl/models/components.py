@@ -1,4 +1,4 @@
-"""A Backbone made of a stock diffusers pipeline's components, each family declaring them as a table (DESIGN §4).
+"""A Backbone made of a stock diffusers pipeline's components, each family declaring them as a table (docs/design.md §4).
 
 A family adapter lists its folder's components as ``Part`` rows (subfolder, library and class; tokenizer size
 floor; whether a local folder may lack it); ``PipelineBackbone`` derives from that table the constructor, loading
@@ -96,6 +96,10 @@ class PipelineBackbone(Backbone):
 
     #: the family's pipeline folder, one row per component (the load order)
     components: ClassVar[tuple[Part, ...]] = ()
+    scheduler: Any
+    text_encoder: nn.Module | None  # and text_encoder_2/_3, tokenizer_2/_3 where the table has them
+    tokenizer: Any
+    codec: nn.Module | None
     #: components the stock pipeline takes that apexctl never ships (``[null, null]`` in model_index.json)
     absent_parts: ClassVar[tuple[str, ...]] = ()
 

@@ -38,10 +38,10 @@ def run_eval_fid(
     from rich.console import Console
     from rich.table import Table
 
-    from apexctl.eval import inception as inception_mod
-    from apexctl.eval.fid import fid_between
+    from apexctl.eval.fid.frechet import fid_between
+    from apexctl.eval.fid.frechet import inception as inception_mod
+    from apexctl.eval.fid.inception import load_fid_inception, sha256_file
     from apexctl.eval.imagesets import list_images, read_prompts
-    from apexctl.eval.inception import load_fid_inception, sha256_file
     from apexctl.eval.sample_sets import SetSpec, ensure_set, load_run, student_spec, teacher_spec
 
     # every input is checked before anything slow: run, prompts, folders, then the weights, then drawing

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from apexctl.errors import BadInput
-from apexctl.eval.geneval_prompts import COLORS, TASKS
+from apexctl.eval.geneval.prompts import COLORS, TASKS
 
 # the reference's relation names, in the order we print them (the reference prints a set: arbitrary order)
 RELATIONS = ("left of", "right of", "above", "below")

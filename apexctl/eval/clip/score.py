@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apexctl.eval.clip import Clip, _features
+from apexctl.eval.clip.model import Clip, _features
 from apexctl.eval.imagesets import load_rgb, to_uint8_chw
 
 

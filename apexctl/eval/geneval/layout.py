@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from apexctl.errors import BadInput
-from apexctl.eval.geneval_prompts import TASKS
+from apexctl.eval.geneval.prompts import TASKS
 
 IMAGE_RE = re.compile(r"\d+\.png")  # the reference uses re.match: a prefix match
 

@@ -17,9 +17,9 @@ from PIL import Image, ImageOps
 
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
-from apexctl.eval.geneval_layout import format_indices, scan
-from apexctl.eval.geneval_prompts import IMAGES_PER_PROMPT, NUM_PROMPTS, load_prompts
-from apexctl.eval.geneval_score import Options, score_image, summarize
+from apexctl.eval.geneval.layout import format_indices, scan
+from apexctl.eval.geneval.prompts import IMAGES_PER_PROMPT, NUM_PROMPTS, load_prompts
+from apexctl.eval.geneval.score import Options, score_image, summarize
 
 BACKEND_LABELS = {
     "hf-mask2former": "GenEval (HF-Mask2Former backend)",
@@ -35,8 +35,8 @@ def check_scoring_inputs(
     *, detector: str | None, detections: Path | None, clip: str | None, selection: list[int]
 ) -> None:
     """Fail fast (before hours of generation) when a required weight folder or file is not given or absent."""
-    from apexctl.eval.clip import DEFAULT_CLIP
-    from apexctl.eval.geneval_detect import DEFAULT_DETECTOR
+    from apexctl.eval.clip.model import DEFAULT_CLIP
+    from apexctl.eval.geneval.detect import DEFAULT_DETECTOR
 
     if detections is not None:
         if not Path(detections).is_file():
@@ -73,7 +73,7 @@ def score_geneval(
     """Score ``root`` (reference layout); returns the summary (also written to ``out/summary.json``)."""
     from rich.console import Console
 
-    from apexctl.eval.geneval_report import format_table, notes, save_task_grids
+    from apexctl.eval.geneval.report import format_table, notes, save_task_grids
     from apexctl.progress import progress
 
     prompts = load_prompts()
@@ -91,7 +91,7 @@ def score_geneval(
     dets_file = det_model = None
     need_clip = False
     if detections is not None:
-        from apexctl.eval.geneval_detect import DetectionsFile
+        from apexctl.eval.geneval.detect import DetectionsFile
 
         dets_file = DetectionsFile(detections)
         absent = sorted({i for i, p in todo if not dets_file.has(rel[p])})
@@ -102,7 +102,7 @@ def score_geneval(
             )
         need_clip = any(not dets_file.colors_complete(rel[p], _needs_color(sc.metadata[i])) for i, p in todo)
     else:
-        from apexctl.eval.geneval_detect import Mask2FormerDetector
+        from apexctl.eval.geneval.detect import Mask2FormerDetector
 
         det_model = Mask2FormerDetector(
             detector,  # type: ignore[arg-type]
@@ -113,8 +113,8 @@ def score_geneval(
         need_clip = any(_needs_color(sc.metadata[i]) for i, _ in todo)
     colors = None
     if need_clip:
-        from apexctl.eval.clip import load_clip
-        from apexctl.eval.geneval_color import ClipColors
+        from apexctl.eval.clip.model import load_clip
+        from apexctl.eval.geneval.color import ClipColors
 
         colors = ClipColors(load_clip(clip, device=device), bgcolor=options.bgcolor, crop=options.crop)
 

@@ -39,7 +39,7 @@ class EvalSetting:
 
 def digits_setting(recipe: Recipe) -> EvalSetting:
     from apexctl.data.digits import eval_prompts, load_split
-    from apexctl.eval.digits import DigitsJudge, real_reference
+    from apexctl.eval.toy.digits import DigitsJudge, real_reference
 
     split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
     judge = DigitsJudge.fit(split, seed=0)
@@ -49,7 +49,7 @@ def digits_setting(recipe: Recipe) -> EvalSetting:
 def scenes_setting(recipe: Recipe) -> EvalSetting:
     from apexctl.data.digits import load_split
     from apexctl.data.scenes import eval_prompts
-    from apexctl.eval.scenes import SceneJudge, real_reference
+    from apexctl.eval.toy.scenes import SceneJudge, real_reference
 
     split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
     prompts = eval_prompts()
@@ -93,7 +93,7 @@ def run_eval(
 
     from rich.console import Console
 
-    from apexctl.eval.digits import format_table
+    from apexctl.eval.toy.digits import format_table
     from apexctl.images import save_grid
     from apexctl.inference import (
         ModelInfo,

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from rich.table import Table
 
-from apexctl.eval.geneval_prompts import TASKS
+from apexctl.eval.geneval.prompts import TASKS
 
 
 def format_table(summary: Mapping[str, Any], name: str) -> Table:

@@ -38,8 +38,8 @@ def run_eval_clip_score(
     from rich.console import Console
     from rich.table import Table
 
-    from apexctl.eval.clip import load_clip
-    from apexctl.eval.clip_score import clip_score
+    from apexctl.eval.clip.model import load_clip
+    from apexctl.eval.clip.score import clip_score
     from apexctl.eval.imagesets import image_prompts, read_prompts
     from apexctl.eval.sample_sets import ensure_set, load_run, student_spec, teacher_spec
 

@@ -1,4 +1,4 @@
-"""The GenEval benchmark definition shipped inside apexctl (``geneval_data/``, MIT, © 2023 Dhruba Ghosh).
+"""The GenEval benchmark definition shipped inside apexctl (``data/``, MIT, © 2023 Dhruba Ghosh).
 
 - 553 prompts (``evaluation_metadata.jsonl``, one JSON object per line: ``tag``, ``include``, optional ``exclude``,
   ``prompt``); per tag 80 single_object, 99 two_object, 80 counting, 94 colors, 100 position, 100 color_attr.
@@ -31,7 +31,7 @@ TAG_COUNTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 9
 
 
 def _data(name: str) -> str:
-    return resources.files("apexctl.eval").joinpath("geneval_data", name).read_text(encoding="utf-8")
+    return resources.files("apexctl.eval.geneval").joinpath("data", name).read_text(encoding="utf-8")
 
 
 @cache

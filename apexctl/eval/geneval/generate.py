@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
-from apexctl.eval.geneval_layout import image_name, prompt_dir
-from apexctl.eval.geneval_prompts import load_prompts
+from apexctl.eval.geneval.layout import image_name, prompt_dir
+from apexctl.eval.geneval.prompts import load_prompts
 
 if TYPE_CHECKING:
     from apexctl.inference.settings import SampleSettings

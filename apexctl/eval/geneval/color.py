@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from apexctl.errors import BadInput
-from apexctl.eval.clip import Clip, embed_images, embed_texts
-from apexctl.eval.geneval_prompts import COLORS
-from apexctl.eval.geneval_score import Detection
+from apexctl.eval.clip.model import Clip, embed_images, embed_texts
+from apexctl.eval.geneval.prompts import COLORS
+from apexctl.eval.geneval.score import Detection
 
 TEMPLATES = ("a photo of a {c} {classname}", "a photo of a {c}-colored {classname}", "a photo of a {c} object")
 

@@ -8,13 +8,13 @@ Per slot (the four 8×8 quadrants; a pair occupies the two top ones) of an image
   mid-grey, then counted as digits in empty quadrants.)
 - **colour**: the ink-weighted mean RGB of the slot (in [0, 1]), divided by its largest channel, nearest palette
   pattern (Euclidean): red (1,0,0), green, blue, white (1,1,1).
-- **class**: :class:`apexctl.eval.digits.DigitsJudge`'s classifier on the slot's grey crop ``max_c x_c`` (for a
+- **class**: :class:`apexctl.eval.toy.digits.DigitsJudge`'s classifier on the slot's grey crop ``max_c x_c`` (for a
   palette digit that is exactly the painted 8×8 digit).
 
 A sample is correct iff the number of present slots, their positions, colours and classes satisfy its
 :class:`~apexctl.data.scenes.SceneRule` (pairs: the left and right classes add to ten).
 
-Metrics (names as in the digits judge, so :func:`apexctl.eval.digits.format_table` prints both):
+Metrics (names as in the digits judge, so :func:`apexctl.eval.toy.digits.format_table` prints both):
 
 - ``alignment``: fraction correct, overall and per kind ("single": fully specified; "multi": several modes).
 - ``multi_coverage``: for each multi prompt, each open attribute (class / colour / position values; pairs: the 9
@@ -29,7 +29,7 @@ Metrics (names as in the digits judge, so :func:`apexctl.eval.digits.format_tabl
   painted with HELD-OUT digits: ``REF_PER_PROMPT`` per evaluation prompt, uniform over each prompt's allowed modes
   (so a model that matches the prompt distribution scores the real floor, not 0).
 - ``fd_pca``: the same in a 32-d PCA of the raw pixels (fitted on the first ``PCA_FIT`` training scenes).
-- ``diversity``: :mod:`apexctl.eval.digits`'s diversity over the grey crops of all present slots, grouped by
+- ``diversity``: :mod:`apexctl.eval.toy.digits`'s diversity over the grey crops of all present slots, grouped by
   predicted class.
 - ``mode_histogram``: per multi prompt, counts of each open attribute's values among correct samples.
 """
@@ -47,7 +47,7 @@ from sklearn.decomposition import PCA
 from apexctl.data import scenes as S
 from apexctl.data.digits import DigitsSplit
 from apexctl.errors import BadInput
-from apexctl.eval.digits import (
+from apexctl.eval.toy.digits import (
     DigitsJudge,
     ImageLike,
     _diversity,
@@ -170,7 +170,7 @@ class SceneJudge:
         prompts: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """All metrics for N images (module docstring); ``allowed[i]`` is image i's rule. Same shape as
-        :meth:`apexctl.eval.digits.DigitsJudge.score`. Multi prompts are keyed by ``prompts[i]`` when given, else by
+        :meth:`apexctl.eval.toy.digits.DigitsJudge.score`. Multi prompts are keyed by ``prompts[i]`` when given, else by
         the ``MULTI_PROMPTS`` name of the rule."""
         x = _pixels(images)
         n = len(x)

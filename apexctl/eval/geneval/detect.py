@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from apexctl.errors import BadInput
-from apexctl.eval.geneval_prompts import COLORS, class_names
-from apexctl.eval.geneval_score import Detection
+from apexctl.eval.geneval.prompts import COLORS, class_names
+from apexctl.eval.geneval.score import Detection
 
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 MAX_PER_IMAGE = 100  # mmdet Mask2Former test_cfg.max_per_image

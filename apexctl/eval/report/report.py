@@ -20,7 +20,7 @@ from typing import Any
 
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
-from apexctl.eval.plots import line_chart
+from apexctl.eval.report.plots import line_chart
 from apexctl.recipe import Recipe
 
 GENERIC_PROMPTS = [

@@ -1,0 +1,54 @@
+"""The Typer apps, shared options and the one-line error handling every command uses (exit 2: input, 1: runtime)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from apexctl.errors import ApexError
+
+app = typer.Typer(
+    help="APEX one-step distillation for text-to-image flow models: prepare → distill → sample → eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+eval_app = typer.Typer(help="Score a model: digits (the embedded default), scenes, geneval.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML (see recipes/)", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override a recipe value, e.g. --set train.steps=100 (repeatable)"),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+def _fail(exc: ApexError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def handle_errors(fn):
+    """Turn ApexError/BadInput into a one-line message and its exit code; never a traceback for bad input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ApexError as exc:
+            raise _fail(exc) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _recipe(path: Path, overrides: list[str] | None):
+    from apexctl.recipe import load_recipe
+
+    return load_recipe(path, overrides or [])

@@ -1,0 +1,1 @@
+"""CLIP: the model wrapper, CLIP score, and the ``eval clip-score`` run."""

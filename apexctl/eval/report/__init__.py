@@ -1,0 +1,1 @@
+"""``eval report``: the run report (teacher vs student, metrics, sample grids) and its charts."""

@@ -1,0 +1,1 @@
+"""The embedded toy settings' judges (digits, scenes) and their shared ``eval digits`` / ``eval scenes`` run."""
