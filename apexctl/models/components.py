@@ -1,4 +1,5 @@
-"""A Backbone made of a stock diffusers pipeline's components, each family declaring them as a table (docs/design.md §4).
+"""A Backbone made of a stock diffusers pipeline's components, each family declaring them as a table
+(docs/design.md §4).
 
 A family adapter lists its folder's components as ``Part`` rows (subfolder, library and class; tokenizer size
 floor; whether a local folder may lack it); ``PipelineBackbone`` derives from that table the constructor, loading

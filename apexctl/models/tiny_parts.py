@@ -70,16 +70,12 @@ def kl_vae(
 
     n = len(block_out_channels)
     convs = {} if quant_conv else {"use_quant_conv": False, "use_post_quant_conv": False}
+    # AutoencoderKL's defaults do the rest: RGB in and out, 4 latent channels, one layer per block, 32 px samples
+    blocks = {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * n,
-        up_block_types=["UpDecoderBlock2D"] * n,
+        **blocks,
         block_out_channels=list(block_out_channels),
-        layers_per_block=1,
-        latent_channels=4,
         norm_num_groups=8,
-        sample_size=32,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         **convs,
