@@ -1,4 +1,4 @@
-"""Errors that the CLI turns into a one-line message and an exit code (DESIGN §3)."""
+"""Errors that the CLI turns into a one-line message and an exit code (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Mapping: ``u8 = round((clamp(x, −1, 1) + 1) / 2 · 255)``, so −1 → 0 (black) and +1 → 255 (white); one channel is
 repeated to RGB. Upscaling is nearest-neighbour (each pixel becomes an ``upscale × upscale`` block) so 8×8 digits
-stay crisp. Every file is written atomically (temp file in the same folder, fsync, ``os.replace``; DESIGN §3).
+stay crisp. Every file is written atomically (temp file in the same folder, fsync, ``os.replace``; docs/design.md §3).
 """
 
 from __future__ import annotations

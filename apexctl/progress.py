@@ -1,4 +1,4 @@
-"""Rich progress bars, quiet when asked or when stdout is not a terminal (DESIGN §3)."""
+"""Rich progress bars, quiet when asked or when stdout is not a terminal (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ class ModelSpec(_Strict):
 
 
 class SynthesizeSpec(_Strict):
-    """Teacher synthesis for prompt-only data: each image is the teacher's own multi-step sample (DESIGN §7)."""
+    """Teacher synthesis for prompt-only data: each image is the teacher's own multi-step sample (docs/design.md §7)."""
 
     steps: int = Field(50, gt=0, description="teacher sampler steps")
     guidance: float = Field(4.0, ge=1.0, description="teacher CFG scale")

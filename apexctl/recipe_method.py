@@ -11,6 +11,7 @@ its ``RUN/recipe.yaml`` listed every key of every objective (:data:`FLAT_DEFAULT
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -48,6 +49,12 @@ class TimeSpec(_Strict):
 
     def sampler(self, t_max: float) -> TimeSampler:
         return TimeSampler(**self.model_dump(), t_max=t_max)
+
+
+def _engine_config(section: BaseModel, cls: type, **samplers: Any) -> Any:
+    """The engine dataclass ``cls`` from ``section``: every field read from the section key of the same name, except
+    the time samplers, which are built from their time sections and given here."""
+    return cls(**{f.name: getattr(section, f.name) for f in fields(cls) if f.name not in samplers}, **samplers)
 
 
 def _time(sampler: TimeSampler) -> Any:
@@ -137,15 +144,11 @@ class ApexMethod(_Strict):
         return self
 
     def config(self) -> ApexConfig:
-        return ApexConfig(
+        return _engine_config(
+            self,
+            ApexConfig,
             fm_time=self.time.sampler(self.fm_t_max),
             critic_time=self.critic_time.sampler(_APEX.critic_time.t_max),
-            fm_weight=self.fm_weight,
-            fake_weight=self.fake_weight,
-            rectify_weight=self.rectify_weight,
-            delta_clip=self.delta_clip,
-            reference_guidance=self.reference_guidance,
-            generator_steps=self.generator_steps,
         )
 
 
@@ -164,16 +167,7 @@ class ApexPaperMethod(_NoReference, _Strict):
     weight_max: float = Field(_PAPER.weight_max, gt=0.0)
 
     def config(self) -> ApexPaperConfig:
-        return ApexPaperConfig(
-            time=self.time.sampler(_PAPER.time.t_max),
-            fake_weight=self.fake_weight,
-            mix_weight=self.mix_weight,
-            lambda_mix=self.lambda_mix,
-            fake_grad=self.fake_grad,
-            fake_noise=self.fake_noise,
-            weighting=self.weighting,
-            weight_max=self.weight_max,
-        )
+        return _engine_config(self, ApexPaperConfig, time=self.time.sampler(_PAPER.time.t_max))
 
 
 MethodSpec = Annotated[ApexMethod | ApexPaperMethod | FlowMatchingMethod, Field(discriminator="objective")]

@@ -77,7 +77,7 @@ def main() -> dict:
         sys.meta_path.insert(0, _TorchvisionPlaceholder())
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from apexctl.eval.inception import load_fid_inception
+    from apexctl.eval.fid.inception import load_fid_inception
 
     weights = args.inception
     if weights is None:

@@ -206,7 +206,7 @@ def _evaluator(judge, prompts, per_prompt: int, resolution: int) -> Evaluator:
 
 def _digits_evaluator(recipe, per_prompt: int) -> Evaluator:
     from apexctl.data.digits import eval_prompts, load_split
-    from apexctl.eval.digits import DigitsJudge
+    from apexctl.eval.toy.digits import DigitsJudge
 
     split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
     return _evaluator(DigitsJudge.fit(split, seed=0), eval_prompts(), per_prompt, recipe.data.resolution)
@@ -215,7 +215,7 @@ def _digits_evaluator(recipe, per_prompt: int) -> Evaluator:
 def _scenes_evaluator(recipe, per_prompt: int) -> Evaluator:
     from apexctl.data.digits import load_split
     from apexctl.data.scenes import eval_prompts
-    from apexctl.eval.scenes import SceneJudge
+    from apexctl.eval.toy.scenes import SceneJudge
 
     split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
     prompts = eval_prompts()
@@ -615,7 +615,7 @@ def _f(v: float | None) -> str:
 
 def steps_chart(entries: list[dict], setting: str, key: str = "align") -> str:
     """``key`` (median over seeds) against sampling steps, one line per method."""
-    from apexctl.eval.plots import series_chart
+    from apexctl.eval.report.plots import series_chart
 
     label = {"align": "alignment", "fd": "FD (lower is better)", "coverage": "multi-mode coverage"}[key]
     series: dict[str, tuple[list[float], list[float]]] = {}

@@ -8,7 +8,7 @@ Memory is the activation memory autograd keeps for the backward pass (the bytes 
 through ``torch.autograd.graph.saved_tensors_hooks``): deterministic on CPU, and the part of peak memory that
 grows with the objective (weights, gradients and optimizer state are the same for all three).
 
-The floors set by the passes each method needs (DESIGN §5): ``apex`` = three branches with gradient (generator +
+The floors set by the passes each method needs (docs/design.md §5): ``apex`` = three branches with gradient (generator +
 flow-matching rows, shifted critic) and one without (reference) ≈ 3.3×; ``apex_paper`` = two with, one without
 ≈ 2.3×; with ``reference_guidance > 1`` the reference runs on twice the rows.
 """

@@ -23,6 +23,15 @@ def ok(args: list[str]) -> str:
     return res.output
 
 
+def write_recipe(tmp: Path, name: str, tree: dict, sections: dict) -> Path:
+    """``tree`` with each of ``sections`` merged into its section, written to ``tmp/name.yaml``."""
+    for k, v in sections.items():
+        tree.setdefault(k, {}).update(v)
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
 def fails(args: list[str], code: int = 2) -> str:
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code == code, res.output

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apexctl.eval import inception
+from apexctl.eval.fid import inception
 
 SMALL_INPUT = 75  # the smallest input Inception-v3 takes; 299 costs ~16× more CPU for the same code path
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import LinearBackbone
+from data_util import ok, write_recipe
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from apexctl.cli import app
 from apexctl.engine.flow import TimeSampler, interpolate, velocity_target
 from apexctl.engine.objectives import ApexConfig, LossOut, Net, _all, _mse, apex
 from apexctl.engine.shift import ConditionShift
@@ -283,17 +282,7 @@ def _recipe(tmp: Path, name: str, method: dict | None = None, **sections) -> Pat
         "hardware": {"device": "cpu", "threads": 1},
         "output": {"dir": str(tmp / name)},
     }
-    for k, v in sections.items():
-        tree[k].update(v)
-    p = tmp / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(tree))
-    return p
-
-
-def _ok(args: list[str]) -> str:
-    res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output
-    return res.output
+    return write_recipe(tmp, name, tree, sections)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +297,7 @@ def work(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("apex-options")
     mp = pytest.MonkeyPatch()
     mp.setenv("APEXCTL_HOME", str(tmp / "home"))
-    _ok(["prepare", str(_recipe(tmp, "prep")), "-q"])
+    ok(["prepare", str(_recipe(tmp, "prep")), "-q"])
     yield tmp
     mp.undo()
 
@@ -324,9 +313,9 @@ def _session(work: Path, name: str, method: dict, model: dict | None = None):
 
 def _uninterrupted_equals_resumed(work: Path, name: str, method: dict) -> tuple[Path, Path]:
     full, part = _recipe(work, f"{name}-full", method), _recipe(work, f"{name}-part", method)
-    _ok(["distill", str(full), "-q"])
-    _ok(["distill", str(part), "--until", "2", "-q"])
-    _ok(["distill", str(part), "--resume", "auto", "-q"])
+    ok(["distill", str(full), "-q"])
+    ok(["distill", str(part), "--until", "2", "-q"])
+    ok(["distill", str(part), "--resume", "auto", "-q"])
     runs = work / f"{name}-full", work / f"{name}-part"
     a, b = (load_file(str(r / "model" / "transformer" / "diffusion_pytorch_model.safetensors")) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -408,7 +397,7 @@ def test_separate_critic_trains_by_l_fake_and_resumes_exactly(work):
     gen = load_file(str(full / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], gen[k]) for k in a)  # the critic trained apart from the generator
     assert not (full / "model" / "critic").exists()  # training only: not exported
-    out = _ok(["distill", str(_recipe(work, "critic-dry", {"critic": "separate"})), "--dry-run"])
+    out = ok(["distill", str(_recipe(work, "critic-dry", {"critic": "separate"})), "--dry-run"])
     assert "separate critic" in out and "critic: separate copy" in out
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from apexctl.cli import app
-from apexctl.eval.geneval_prompts import load_prompts
+from apexctl.eval.geneval.prompts import load_prompts
 from apexctl.lora import WEIGHT_NAME
 
 runner = CliRunner()

@@ -296,7 +296,7 @@ def test_run_json_holds_the_wall_time_over_resumed_segments(home):
 
 def test_report_shows_wall_time_and_median_step_time(tmp_path):
     """A six-minute run whose logged steps sum to 14.8 s: the report says six minutes, and the median step."""
-    from apexctl.eval.report import write_report
+    from apexctl.eval.report.report import write_report
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,4 +1,4 @@
-"""The digits data, the image writers and the digits judge (DESIGN §8). Fast: the judge is fitted once."""
+"""The digits data, the image writers and the digits judge (docs/design.md §8). Fast: the judge is fitted once."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from apexctl.data.digits import (
     training_pairs,
 )
 from apexctl.errors import BadInput
-from apexctl.eval.digits import DigitsJudge, format_table, real_reference
+from apexctl.eval.toy.digits import DigitsJudge, format_table, real_reference
 from apexctl.images import PAD, make_grid, save_grid, save_png, to_uint8
 
 

@@ -1,4 +1,4 @@
-"""apexctl/eval/clip.py: the shared CLIP loader (real from_pretrained on a tiny random model) and its errors."""
+"""apexctl/eval/clip/model.py: the shared CLIP loader (real from_pretrained on a tiny random model) and its errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from PIL import Image
 from tiny_eval_models import build_tiny_clip
 
 from apexctl.errors import BadInput
-from apexctl.eval.clip import embed_images, embed_texts, load_clip
+from apexctl.eval.clip.model import embed_images, embed_texts, load_clip
 
 
 @pytest.fixture(scope="module")

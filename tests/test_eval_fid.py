@@ -14,7 +14,7 @@ from tiny_eval_models import build_tiny_clip
 from typer.testing import CliRunner
 
 from apexctl.cli import app
-from apexctl.eval import inception
+from apexctl.eval.fid import inception
 
 runner = CliRunner()
 
@@ -101,7 +101,7 @@ def test_fid_needs_two_sides(weights, folders):
 
 
 def test_clip_score_matches_torchmetrics_formula(tmp_path):
-    from apexctl.eval.clip import embed_images, embed_texts, load_clip
+    from apexctl.eval.clip.model import embed_images, embed_texts, load_clip
 
     clip_dir = build_tiny_clip(tmp_path / "clip", seed=0)
     prompts = ["a red fox", "a photo of a cat", "a blue bird on a branch", "a green tree by the river"]

@@ -1,5 +1,5 @@
 """What every family adapter must satisfy against its stock diffusers pipeline, on the hub-free tiny builds
-(DESIGN §3-§4): one test per property, parametrised over the five families.
+(docs/design.md §3-§4): one test per property, parametrised over the five families.
 
 - the folder loads in the stock pipeline, with a ``model_index.json`` naming the classes we hold;
 - ``encode_prompts`` equals the stock ``encode_prompt`` (padding, mask, pooled rows) and concatenates back;

@@ -1,4 +1,4 @@
-"""What only the FLUX.1 adapter does, on hub-free tiny builds (DESIGN §3-§4): 2×2 packing with image / text ids, the
+"""What only the FLUX.1 adapter does, on hub-free tiny builds (docs/design.md §3-§4): 2×2 packing with image / text ids, the
 embedded guidance of dev models, LoRA on the single-stream blocks. tests/test_family_conformance.py holds what every
 family satisfies against its stock pipeline (the dev build's Euler parity included)."""
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from apexctl.cli import app
 from apexctl.errors import BadInput
-from apexctl.eval.geneval_detect import Mask2FormerDetector, _label_map, rle_decode, rle_encode
-from apexctl.eval.geneval_prompts import class_names, load_prompts
+from apexctl.eval.geneval.detect import Mask2FormerDetector, _label_map, rle_decode, rle_encode
+from apexctl.eval.geneval.prompts import class_names, load_prompts
 
 runner = CliRunner()
 # one prompt of each kind the pipeline branches on: single (0), counting (200), position (400), colour + attr (500)
@@ -92,7 +92,7 @@ def test_generation_resumes_and_keeps_existing_images(generated, tmp_path):
 
 
 def test_hf_mask2former_and_clip_end_to_end(generated, models, tmp_path, monkeypatch):
-    from apexctl.eval.geneval_color import ClipColors
+    from apexctl.eval.geneval.color import ClipColors
 
     calls = []
     original = ClipColors.classify

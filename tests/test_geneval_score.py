@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from apexctl.errors import BadInput
-from apexctl.eval.geneval_color import masked_crop
-from apexctl.eval.geneval_prompts import COLORS, TAG_COUNTS, TASKS, class_names, load_prompts, parse_prompt_selection
-from apexctl.eval.geneval_score import (
+from apexctl.eval.geneval.color import masked_crop
+from apexctl.eval.geneval.prompts import COLORS, TAG_COUNTS, TASKS, class_names, load_prompts, parse_prompt_selection
+from apexctl.eval.geneval.score import (
     Detection,
     Options,
     compute_iou,

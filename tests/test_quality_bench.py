@@ -103,7 +103,7 @@ def test_tiny_end_to_end_trains_evaluates_and_resumes(q, tmp_path, monkeypatch):
 
 
 def test_series_chart_draws_one_line_per_method_on_a_log_axis():
-    from apexctl.eval.plots import series_chart
+    from apexctl.eval.report.plots import series_chart
 
     svg = series_chart({"teacher": ([50, 4, 1], [0.9, 0.95, 0.7]), "apex": ([1, 2, 4], [0.97, 0.96, float("nan")])},
                        "t", "steps", "align", log_x=True)  # fmt: skip

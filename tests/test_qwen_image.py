@@ -1,4 +1,4 @@
-"""What only the Qwen-Image adapter does, on hub-free tiny builds (DESIGN §3-§4): its tokenizer template, the pixel
+"""What only the Qwen-Image adapter does, on hub-free tiny builds (docs/design.md §3-§4): its tokenizer template, the pixel
 codec of the embedded default, ``tiny:`` specs, the single-step schedule. tests/test_family_conformance.py holds what
 every family satisfies against its stock pipeline (prompt encoding, Euler, codec, condition site, save, LoRA)."""
 

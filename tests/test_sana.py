@@ -1,4 +1,4 @@
-"""What only the SANA adapter does, on a hub-free tiny build (DESIGN §3-§4): its Gemma tokenizer, positive prompts with
+"""What only the SANA adapter does, on a hub-free tiny build (docs/design.md §3-§4): its Gemma tokenizer, positive prompts with
 the complex human instruction but "" as the pipeline's negative prompt, and the two schedulers SanaPipeline is used
 with. tests/test_family_conformance.py holds what every family satisfies against its stock pipeline."""
 

@@ -15,7 +15,7 @@ from apexctl.cli import app
 from apexctl.data import scenes as S
 from apexctl.data.digits import load_split
 from apexctl.errors import BadInput
-from apexctl.eval.scenes import SceneJudge, real_reference
+from apexctl.eval.toy.scenes import SceneJudge, real_reference
 from apexctl.recipe import validate_recipe
 
 TINY = "tiny:scenes?num_layers=1&num_attention_heads=2&attention_head_dim=8&text_hidden=16&text_layers=1"
@@ -44,7 +44,7 @@ def judge(split):
     from sklearn.exceptions import ConvergenceWarning
 
     mp = pytest.MonkeyPatch()
-    mp.setattr("apexctl.eval.digits.MLP_MAX_ITER", 60)  # a faster, slightly weaker classifier is enough here
+    mp.setattr("apexctl.eval.toy.digits.MLP_MAX_ITER", 60)  # a faster, slightly weaker classifier is enough here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         judge = SceneJudge.fit(split, seed=0)
@@ -145,7 +145,7 @@ def test_tiny_scenes_codec_and_velocity(home):
 
 def test_prepare_distill_eval_end_to_end(tmp_path, home, judge, split):
     """prepare (scenes source) → 2 apex steps → the shared eval loop with the scenes setting (2 images per prompt)."""
-    from apexctl.eval.run_digits import EvalSetting, run_eval
+    from apexctl.eval.toy.run import EvalSetting, run_eval
     from apexctl.recipe import load_recipe
 
     tree = {
@@ -250,7 +250,7 @@ def test_faint_background_speckle_is_not_a_digit():
     ink pixels count as a digit."""
     from apexctl.data import scenes as S
     from apexctl.data.digits import load_split
-    from apexctl.eval.scenes import SceneJudge
+    from apexctl.eval.toy.scenes import SceneJudge
 
     split = load_split()
     prompt = S.eval_prompts()[0]

@@ -1,4 +1,4 @@
-"""What only the SD3 / SD3.5 adapter does, on a hub-free tiny build (DESIGN §3-§4): deterministic CLIP / T5 tokenizers
+"""What only the SD3 / SD3.5 adapter does, on a hub-free tiny build (docs/design.md §3-§4): deterministic CLIP / T5 tokenizers
 and running without T5. tests/test_family_conformance.py holds what every family satisfies against its stock pipeline."""
 
 from __future__ import annotations

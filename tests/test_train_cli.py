@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from data_util import ok, write_recipe
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -37,24 +37,14 @@ def _recipe(tmp: Path, name: str, **sections) -> Path:
         "hardware": {"device": "cpu"},
         "output": {"dir": str(tmp / name)},
     }
-    for k, v in sections.items():
-        tree[k].update(v)
-    p = tmp / f"{name}.yaml"
-    p.write_text(yaml.safe_dump(tree))
-    return p
-
-
-def _ok(args: list[str]) -> str:
-    res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output
-    return res.output
+    return write_recipe(tmp, name, tree, sections)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, monkeypatch_module):
     tmp = tmp_path_factory.mktemp("e2e")
     monkeypatch_module.setenv("APEXCTL_HOME", str(tmp / "home"))
-    _ok(["prepare", str(_recipe(tmp, "prep")), "-q"])
+    ok(["prepare", str(_recipe(tmp, "prep")), "-q"])
     return tmp
 
 
@@ -79,12 +69,12 @@ def test_prepare_writes_manifest(workdir):
 def test_resume_matches_uninterrupted_run(workdir):
     # also builds the "full" run that the sample, eval and signal tests below reuse
     full = _recipe(workdir, "full")
-    _ok(["distill", str(full), "-q"])
+    ok(["distill", str(full), "-q"])
     part = _recipe(workdir, "part")
-    out = _ok(["distill", str(part), "--until", "3", "-q"])
+    out = ok(["distill", str(part), "--until", "3", "-q"])
     assert "checkpointed" in out and not (workdir / "part" / "model").exists()
     assert (workdir / "part" / "checkpoints" / "step-000003" / "COMPLETE").is_file()
-    _ok(["distill", str(part), "--resume", "auto", "-q"])
+    ok(["distill", str(part), "--resume", "auto", "-q"])
     a, b = _weights(workdir / "full"), _weights(workdir / "part")
     assert a.keys() == b.keys()
     for k in a:
@@ -106,7 +96,7 @@ def test_resume_matches_uninterrupted_run(workdir):
 def test_export_holds_ema_weights(workdir):
     """With an EMA, model/ holds the EMA of the trained weights and model-live/ (export: both) the live ones."""
     r = _recipe(workdir, "both", train={"export": "both"})
-    _ok(["distill", str(r), "-q"])
+    ok(["distill", str(r), "-q"])
     ema, live = (
         _weights(workdir / "both"),
         load_file(str(workdir / "both" / "model-live" / "transformer" / "diffusion_pytorch_model.safetensors")),
@@ -125,8 +115,8 @@ def test_export_holds_ema_weights(workdir):
         torch.testing.assert_close(ema[n], s.to(ema[n].dtype), rtol=0, atol=0, msg=n)
 
     # `apexctl export` rebuilds both from the checkpoint alone
-    _ok(["export", str(workdir / "both"), "--out", str(workdir / "exp-ema")])
-    _ok(["export", str(workdir / "both"), "--weights", "live", "--out", str(workdir / "exp-live")])
+    ok(["export", str(workdir / "both"), "--out", str(workdir / "exp-ema")])
+    ok(["export", str(workdir / "both"), "--weights", "live", "--out", str(workdir / "exp-live")])
     for folder, want in (("exp-ema", ema), ("exp-live", live)):
         got = load_file(str(workdir / folder / "transformer" / "diffusion_pytorch_model.safetensors"))
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=folder)
@@ -146,12 +136,8 @@ def test_missing_cache_exits_2(workdir):
 
 def test_sample_writes_pngs_and_is_deterministic(workdir):
     r = str(_recipe(workdir, "full"))
-    _ok(
-        ["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s1")]
-    )
-    _ok(
-        ["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s2")]
-    )
+    ok(["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s1")])
+    ok(["sample", "a handwritten digit seven", "an even digit", "--recipe", r, "-n", "3", "--out", str(workdir / "s2")])
     files = sorted(p.name for p in (workdir / "s1").glob("*.png"))
     assert len(files) == 7 and "grid.png" in files
     for f in files:
@@ -182,7 +168,7 @@ def test_sample_bad_inputs(workdir):
 
 def test_eval_digits_reports_rows(workdir):
     r = str(_recipe(workdir, "full"))
-    out = _ok(
+    out = ok(
         [
             "eval",
             "digits",
@@ -258,11 +244,11 @@ def test_sigint_checkpoints_and_resume_finishes(workdir, monkeypatch):
 
     _patched_objective(monkeypatch, hook)
     r = _recipe(workdir, "sig")
-    out = _ok(["distill", str(r), "-q"])
+    out = ok(["distill", str(r), "-q"])
     assert (workdir / "sig" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
     assert not (workdir / "sig" / "model").exists() and "checkpointed" in out
     monkeypatch.undo()
-    _ok(["distill", str(r), "--resume", "auto", "-q"])
+    ok(["distill", str(r), "--resume", "auto", "-q"])
     a, b = _weights(workdir / "full"), _weights(workdir / "sig")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -281,10 +267,10 @@ def _losses(run: Path) -> list[float]:
 def test_gradient_checkpointing_and_bf16_autocast(workdir):
     """Checkpointing recomputes, it must not change the math; bf16 autocast runs and stays close to fp32."""
     gc = _recipe(workdir, "gc", hardware={"device": "cpu", "gradient_checkpointing": True})
-    _ok(["distill", str(gc), "-q"])
+    ok(["distill", str(gc), "-q"])
     assert _losses(workdir / "gc") == pytest.approx(_losses(workdir / "full"), rel=1e-5)
     bf = _recipe(workdir, "bf16", hardware={"device": "cpu", "precision": "bf16"})
-    _ok(["distill", str(bf), "-q"])
+    ok(["distill", str(bf), "-q"])
     lb, lf = _losses(workdir / "bf16"), _losses(workdir / "full")
     assert lb != lf and lb == pytest.approx(lf, rel=0.1)
     assert (
@@ -314,8 +300,8 @@ def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spe
         data={"cache_dir": str(tmp_path / "cache"), "resolution": 32},
         train={"steps": 2, "micro_batch": 2},
     )
-    _ok(["prepare", str(r), "-q"])
-    _ok(["distill", str(r), "-q"])
+    ok(["prepare", str(r), "-q"])
+    ok(["distill", str(r), "-q"])
     rows = [json.loads(x) for x in (tmp_path / family / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [1, 2] and all(np.isfinite(x["loss"]) for x in rows)
     assert (tmp_path / family / "model" / "transformer").is_dir()
@@ -329,7 +315,7 @@ def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spe
         method={"reference": "base"},
         train={"steps": 1, "micro_batch": 2, "ema_decay": None, "warmup_steps": 0, "lr_schedule": "constant"},
     )
-    _ok(["distill", str(lr), "-q"])
+    ok(["distill", str(lr), "-q"])
     ck = tmp_path / f"{family}-lora" / "checkpoints" / "step-000001"
     trained = load_file(str(ck / "model.safetensors"))
     base = load_file(str(Path(resolve_model_path(spec)) / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -387,7 +373,7 @@ def test_run_folder_lock(workdir):
     assert not (workdir / "locked" / ".lock").exists()  # released on exit
     stale = {"pid": _dead_pid(), "host": socket.gethostname(), "started": 0}
     (workdir / "locked" / ".lock").write_text(json.dumps(stale))
-    out = _ok(["distill", str(r), "-q"])
+    out = ok(["distill", str(r), "-q"])
     assert f"taking over a stale lock left by pid {stale['pid']}" in out and "no longer running" in out
     assert (workdir / "locked" / "model").is_dir() and not (workdir / "locked" / ".lock").exists()
     # another host's lock is never guessed about
@@ -463,11 +449,11 @@ def test_sigterm_checkpoints_and_partial_checkpoints_are_ignored(workdir):
     (workdir / "term" / ".lock").write_text(
         json.dumps({"pid": _dead_pid(), "host": __import__("socket").gethostname()})
     )
-    out = _ok(["distill", str(r), "--resume", "auto", "--until", str(k + 3), "-q"])
+    out = ok(["distill", str(r), "--resume", "auto", "--until", str(k + 3), "-q"])
     assert f"resumed from {ck / f'step-{k:06d}'} at step {k}" in out and "stale lock" in out
     # the uninterrupted reference: the same recipe run straight to k + 3, checkpointing every step
     ref = _recipe(workdir, "term-ref", train={"steps": 400, "checkpoint_every": 1, "keep_last": 100})
-    _ok(["distill", str(ref), "--until", str(k + 3), "-q"])
+    ok(["distill", str(ref), "--until", str(k + 3), "-q"])
     for step in (k, k + 3):
         a = load_file(str(ck / f"step-{step:06d}" / "model.safetensors"))
         b = load_file(str(workdir / "term-ref" / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
@@ -525,7 +511,7 @@ def test_ddp_two_processes_resume_and_world_size_change(workdir):
     assert [r["loss"] for r in rows_y] == [r["loss"] for r in rows[3:]]
     # 2 → 1 process with the same global batch (1 × 8): the data position is world-size independent
     z = _recipe(workdir, "ddp-to-1", train={**train, "micro_batch": 8})
-    out = _ok(["distill", str(z), "--resume", str(ck / "step-000003")])
+    out = ok(["distill", str(z), "--resume", str(ck / "step-000003")])
     assert "resumed from" in out and "at step 3" in out
     zc = workdir / "ddp-to-1" / "checkpoints"
     assert _sampler_state(zc / "step-000006") == _sampler_state(ck / "step-000006")
@@ -609,7 +595,7 @@ def test_fsdp_lora_exports_an_adapter(workdir):
     bb = load_backbone(TINY, load_text_encoder=False, load_codec=False)
     bb.load_lora(lora)
     assert any("lora_B" in n for n, _ in bb.transformer.named_parameters())
-    _ok(["export", str(workdir / "fsdp-lora"), "--weights", "live", "--out", str(workdir / "fsdp-lora-exp")])
+    ok(["export", str(workdir / "fsdp-lora"), "--weights", "live", "--out", str(workdir / "fsdp-lora-exp")])
     again = load_file(str(workdir / "fsdp-lora-exp" / files[0].name))
     assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
 
@@ -621,7 +607,7 @@ def test_sample_grids_do_not_change_training(workdir):
 
     prompts = ["a handwritten digit seven", "an even digit"]
     r = _recipe(workdir, "grids", train={"sample_every": 3, "sample_prompts": prompts, "sample_images": 3})
-    _ok(["distill", str(r), "-q"])
+    ok(["distill", str(r), "-q"])
     assert _losses(workdir / "grids") == _losses(workdir / "full")
     files = sorted(p.name for p in (workdir / "grids" / "samples").glob("*.png"))
     assert files == ["step-000003.png", "step-000006.png"]
@@ -654,7 +640,7 @@ def test_dry_run_counts_lora_parameters_on_the_meta_device(workdir):
     from apexctl.models import load_backbone
 
     r = _recipe(workdir, "dry", model={"lora": {"rank": 4, "alpha": 4}})
-    out = _ok(["distill", str(r), "--dry-run"])
+    out = ok(["distill", str(r), "--dry-run"])
     line = next(x for x in out.splitlines() if x.startswith("params"))
     bb = load_backbone(TINY)
     total_base = sum(p.numel() for p in bb.transformer.parameters())

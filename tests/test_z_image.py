@@ -1,4 +1,4 @@
-"""What only the Z-Image adapter does, on a hub-free tiny build (DESIGN §3-§4): the chat-template tokenizer, the
+"""What only the Z-Image adapter does, on a hub-free tiny build (docs/design.md §3-§4): the chat-template tokenizer, the
 reversed time and sign of its transformer, and per-sample rows at the condition site (the stock forward packs the
 captions of a batch). tests/test_family_conformance.py holds what every family satisfies against its stock pipeline."""
 

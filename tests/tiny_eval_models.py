@@ -40,7 +40,7 @@ def build_tiny_mask2former(
         SwinConfig,
     )
 
-    from apexctl.eval.geneval_prompts import class_names
+    from apexctl.eval.geneval.prompts import class_names
 
     torch.manual_seed(seed)
     names = list(labels if labels is not None else class_names())

@@ -6,7 +6,7 @@ digits therefore look white on black, like MNIST.
 
 Prompts. Each image gets one *single* prompt that names its digit and every *multi* prompt whose digit set
 contains its label (see ``training_pairs``). Multi prompts have several valid answers, so a one-step student
-that collapses to the conditional mean shows up there (``apexctl.eval.digits`` reports mode coverage).
+that collapses to the conditional mean shows up there (``apexctl.eval.toy.digits`` reports mode coverage).
 """
 
 from __future__ import annotations

@@ -294,18 +294,15 @@ class PromptSource(Source):
 
 def open_source(spec: DataSpec) -> Source:
     """The recipe's data source, listed (captions read, images not yet)."""
-    if spec.source == "digits":
-        return DigitsSource(spec)
-    if spec.source == "scenes":
-        return ScenesSource(spec)
-    if spec.source == "folder":
-        return FolderSource(spec)
-    if spec.source == "parquet":
-        return ParquetSource(spec)
-    if spec.source == "datasets":
-        return _load_from_disk(spec)
-    if spec.source == "hub":
-        return _load_hub(spec)
-    if spec.source == "prompts":
-        return PromptSource(spec)
+    opener = {
+        "digits": DigitsSource,
+        "scenes": ScenesSource,
+        "folder": FolderSource,
+        "parquet": ParquetSource,
+        "datasets": _load_from_disk,
+        "hub": _load_hub,
+        "prompts": PromptSource,
+    }.get(spec.source)
+    if opener is not None:
+        return opener(spec)
     raise BadInput(f"data.source = {spec.source!r}: expected one of {', '.join(SOURCES)}")

@@ -1,1 +1,1 @@
-"""The APEX method, independent of any model family (DESIGN §5)."""
+"""The APEX method, independent of any model family (docs/design.md §5)."""

@@ -1,4 +1,4 @@
-"""``Cond``: encoded prompts as one batch-indexable record (DESIGN §4).
+"""``Cond``: encoded prompts as one batch-indexable record (docs/design.md §4).
 
 Every field is a tensor whose first dimension is the batch, so the engine can slice, repeat, broadcast and
 concatenate real, shifted and unconditional rows into one forward pass without knowing which fields a family has.

@@ -1,4 +1,4 @@
-"""The narrow contract the engine needs from a model (DESIGN §4): a velocity field, where its condition enters, how
+"""The narrow contract the engine needs from a model (docs/design.md §4): a velocity field, where its condition enters, how
 its pipeline combines guidance, and its native sampling schedule. ``models.base.Backbone`` implements it; the
 engine's tests use a few-line double.
 """

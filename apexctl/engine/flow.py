@@ -1,4 +1,4 @@
-"""Flow-matching path, targets, estimates, time samplers and loss weights (DESIGN §3, §5).
+"""Flow-matching path, targets, estimates, time samplers and loss weights (docs/design.md §3, §5).
 
 Path ``x_t = t·z + (1−t)·x`` with ``t = 1`` pure noise; velocity target ``v = z − x``;
 endpoint estimate ``x̂ = x_t − t·F``; noise estimate ``ẑ = x_t + (1−t)·F``.

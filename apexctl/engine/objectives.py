@@ -1,4 +1,4 @@
-"""Training objectives (DESIGN §5.2–5.4). Each returns the total loss and every term by name.
+"""Training objectives (docs/design.md §5.2–5.4). Each returns the total loss and every term by name.
 
 Each objective's knobs are a dataclass of :mod:`apexctl.engine.config`, the one source of their defaults (the
 recipe's method sections read them).

@@ -1,4 +1,4 @@
-"""Samplers in our convention (DESIGN §3, §5.5): t = 1 is noise, ``x̂ = x_t − t·F``, ``ẑ = x_t + (1−t)·F``.
+"""Samplers in our convention (docs/design.md §3, §5.5): t = 1 is noise, ``x̂ = x_t − t·F``, ``ẑ = x_t + (1−t)·F``.
 
 - ``one_step``:  x = z − F(z, 1, c)
 - ``few_step``:  times 1 = t_0 > … > t_N = 0; x̂ = x_t − t·F, then re-noise to the next time with fresh noise

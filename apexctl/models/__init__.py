@@ -1,4 +1,4 @@
-"""Model families behind the Backbone interface, and ``load_backbone`` (DESIGN §4).
+"""Model families behind the Backbone interface, and ``load_backbone`` (docs/design.md §4).
 
 Cheap to import: the adapters import diffusers / transformers only when a model is loaded.
 """

@@ -1,6 +1,6 @@
-"""The Backbone interface: what the engine needs from a model family (DESIGN §4).
+"""The Backbone interface: what the engine needs from a model family (docs/design.md §4).
 
-Conventions (DESIGN §3): time ``t ∈ [0, 1]`` with ``t = 1`` pure noise; ``x_t = t·z + (1−t)·x``; the network
+Conventions (docs/design.md §3): time ``t ∈ [0, 1]`` with ``t = 1`` pure noise; ``x_t = t·z + (1−t)·x``; the network
 predicts the velocity ``v = z − x``. Latents are ``[B, C, H, W]`` after the family's own normalisation.
 An adapter translates to its family's native layout (packing), timestep scale and velocity sign.
 """

@@ -1,4 +1,4 @@
-"""FLUX.1 adapter (schnell and dev): the stock diffusers components behind the Backbone interface (DESIGN §4).
+"""FLUX.1 adapter (schnell and dev): the stock diffusers components behind the Backbone interface (docs/design.md §4).
 
 Native conventions translated here (``FluxPipeline``, diffusers 0.42):
 

@@ -1,4 +1,4 @@
-"""Qwen-Image adapter: the stock diffusers components behind the Backbone interface (DESIGN §4).
+"""Qwen-Image adapter: the stock diffusers components behind the Backbone interface (docs/design.md §4).
 
 Native conventions translated here: latents are 2×2-packed into tokens (``QwenImagePipeline._pack_latents``), the
 transformer takes ``timestep = sigma`` in [0, 1] (the pipeline passes ``t / 1000``) and predicts ``noise − x0``, which

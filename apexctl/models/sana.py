@@ -1,4 +1,4 @@
-"""SANA adapter: the stock diffusers ``SanaPipeline`` components behind the Backbone interface (DESIGN §4).
+"""SANA adapter: the stock diffusers ``SanaPipeline`` components behind the Backbone interface (docs/design.md §4).
 
 Native conventions translated here (diffusers ``pipelines/sana/pipeline_sana.py``):
 

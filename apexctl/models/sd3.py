@@ -1,4 +1,4 @@
-"""Stable Diffusion 3 / 3.5 adapter: the stock diffusers components behind the Backbone interface (DESIGN §4).
+"""Stable Diffusion 3 / 3.5 adapter: the stock diffusers components behind the Backbone interface (docs/design.md §4).
 
 Native conventions translated here (``StableDiffusion3Pipeline``, diffusers 0.42):
 

@@ -1,4 +1,4 @@
-"""Z-Image adapter: the stock diffusers ``ZImagePipeline`` components behind the Backbone interface (DESIGN §4).
+"""Z-Image adapter: the stock diffusers ``ZImagePipeline`` components behind the Backbone interface (docs/design.md §4).
 
 Native conventions translated here (diffusers ``pipelines/z_image/pipeline_z_image.py``):
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from apexctl.errors import BadInput
-from apexctl.eval.fid.frechet import inception
+from apexctl.eval.fid import inception
 from apexctl.eval.imagesets import load_rgb, to_uint8_chw
 
 

@@ -1,4 +1,4 @@
-"""The digits scorer (DESIGN §8): a fixed, model-agnostic protocol for 8×8 digit images in [−1, 1].
+"""The digits scorer (docs/design.md §8): a fixed, model-agnostic protocol for 8×8 digit images in [−1, 1].
 
 Judge: sklearn ``MLPClassifier(hidden_layer_sizes=(128,))`` fitted on the real TRAIN split only, on flattened 64-d
 pixels in [−1, 1]. Metrics on N generated images with per-image allowed classes and kind ("single" | "multi"):
@@ -8,7 +8,7 @@ pixels in [−1, 1]. Metrics on N generated images with per-image allowed classe
   and of the real held-out TEST images: ``|μ1 − μ2|² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)``. A few ReLU units are dead on
   digits, so the covariances are singular; we add ``FD_EPS·I`` to both and keep the real part of ``sqrtm``.
 - ``fd_pca``: the same in a 20-d PCA of the train pixels (secondary; the space of notes/toy-experiment.md's
-  ``fd_pca``, whose numbers DESIGN §5 quotes).
+  ``fd_pca``, whose numbers docs/design.md §5 quotes).
 - ``diversity``: mean over predicted classes with ≥ 2 images of the mean per-pixel std (ddof 0) within that class,
   in the [−1, 1] pixel scale. This is the toy study's ``div`` (real held-out digits: 0.327 there; 0.328 here by
   true class, 0.326 by predicted class; on a [0, 1] scale it would be half). A collapsed model (one image per class) scores 0.
