@@ -1,7 +1,7 @@
 """Atomic writes (docs/design.md §3): write to a temporary name in the same folder, fsync, rename.
 
-A folder is written as a hidden sibling ``.NAME.HOST.PID.XXXXXXXX.tmp`` and an old ``NAME`` it replaces is moved to
-``.NAME.HOST.PID.XXXXXXXX.old`` before it is deleted. A writer killed before it could clean up leaves one of these
+A file or folder is written as a hidden sibling ``.NAME.HOST.PID.XXXXXXXX.tmp``; an old folder ``NAME`` it replaces
+is moved to ``.NAME.HOST.PID.XXXXXXXX.old`` before it is deleted. A writer killed before it could clean up leaves one of these
 behind; the next write of ``NAME`` deletes those whose writer is gone (same host, process no longer running). One on
 another host, or in the old unnamed form, is left alone: nothing here can tell whether its writer still runs.
 """
@@ -41,7 +41,8 @@ def _umask() -> int:
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_siblings(path)
+    fd, tmp = tempfile.mkstemp(prefix=_sibling_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would have
         with os.fdopen(fd, "wb") as f:

@@ -35,3 +35,27 @@ def test_failed_dir_write_keeps_the_old_folder(tmp_path):
         raise RuntimeError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["v1"]
+
+
+def test_a_killed_file_write_leaves_a_temp_that_the_next_write_removes(tmp_path):
+    """``write_bytes`` killed between writing and renaming leaves ``.NAME.HOST.PID.*.tmp``; the next write of NAME
+    deletes it once its writer is gone, and never a live writer's (this process's, here)."""
+    import subprocess
+    import sys
+
+    from apexctl.atomic import write_bytes
+
+    dest = tmp_path / "step-000010.png"
+    code = (
+        "import os, sys\n"
+        "from apexctl import atomic\n"
+        "atomic.os.replace = lambda *a: os.kill(os.getpid(), 9)  # die just before the rename\n"
+        "atomic.write_bytes(sys.argv[1], b'half')\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(dest)]).returncode == -9
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".step-000010.png.")]
+    assert len(left) == 1 and left[0].read_bytes() == b"half" and not dest.exists()
+    mine = tmp_path / f".step-000010.png.{left[0].name.split('.')[3]}.{os.getpid()}.abcd1234.tmp"
+    mine.write_bytes(b"live writer")  # same host, a process that is running: kept
+    write_bytes(dest, b"whole")
+    assert dest.read_bytes() == b"whole" and not left[0].exists() and mine.exists()
