@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LinearBackbone
+from conftest import LinearDenoiser
 from data_util import ok, write_recipe
 from safetensors.torch import load_file
 from torch import nn
@@ -17,7 +17,7 @@ from apexctl.engine.flow import TimeSampler, interpolate, velocity_target
 from apexctl.engine.objectives import ApexConfig, LossOut, Net, _all, _mse, apex
 from apexctl.engine.shift import ConditionShift
 from apexctl.errors import BadInput
-from apexctl.models.base import Backbone, Cond
+from apexctl.models.base import Cond
 from apexctl.recipe import validate_recipe
 
 X = torch.tensor([0.8, -0.4]).reshape(2, 1, 1, 1)
@@ -59,11 +59,11 @@ def _apex_v0(net, x, cond, cfg, reference=None, generator=None, uncond=None) -> 
     return LossOut(loss, {"fm": loss_fm, "fake": loss_fake, "rect": loss_rect, "delta_abs": delta.abs().mean()})
 
 
-class MLPBackbone(LinearBackbone):
+class MLPDenoiser(LinearDenoiser):
     """A tiny nonlinear F: an MLP on (x, t, mean-pooled projected condition); the condition site is ``site``."""
 
     def __init__(self, seed: int = 0, d: int = 16) -> None:
-        Backbone.__init__(self)
+        nn.Module.__init__(self)
         torch.manual_seed(seed)
         self.transformer = nn.Module()
         self.transformer.site = nn.Linear(4, 8)
@@ -91,7 +91,7 @@ def test_generator_steps_1_is_bit_identical_to_the_previous_objective(clip):
     assert cfg.generator_steps == 1
     results = []
     for fn in (apex, _apex_v0):
-        bb = MLPBackbone()
+        bb = MLPDenoiser()
         shift = ConditionShift(a=-1.0, b=0.1, learnable=True)
         out = fn(Net(bb, shift), x, cond, cfg, generator=torch.Generator().manual_seed(9))
         out.loss.backward()
@@ -107,8 +107,8 @@ def test_generator_steps_1_is_bit_identical_to_the_previous_objective(clip):
 # ---- generator_steps = 2: inputs at τ = 0.5 and the rectify gradient ----------------------------------------------
 
 
-class RecordingBackbone(LinearBackbone):
-    """LinearBackbone that records every call (inputs, grad mode) and keeps the grad-mode outputs' gradients."""
+class RecordingDenoiser(LinearDenoiser):
+    """LinearDenoiser that records every call (inputs, grad mode) and keeps the grad-mode outputs' gradients."""
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
@@ -136,7 +136,7 @@ def _seed_with_both_times(n_steps: int) -> int:
 def test_generator_steps_2_renoised_inputs_and_rectify_gradient():
     a, b, alpha, beta, w = -1.0, 0.25, 0.5, -0.3, 0.7
     seed = _seed_with_both_times(2)
-    bb = RecordingBackbone(alpha, beta, w)
+    bb = RecordingDenoiser(alpha, beta, w)
     cfg = ApexConfig(generator_steps=2, delta_clip=None, fm_weight=0.0, fake_weight=0.0, rectify_weight=1.0)
     out = apex(Net(bb, ConditionShift(a=a, b=b)), X, COND, cfg, generator=torch.Generator().manual_seed(seed))
     out.loss.backward()
@@ -176,7 +176,7 @@ def test_generator_steps_2_renoised_inputs_and_rectify_gradient():
 def test_generator_steps_draw_only_the_grid():
     seen: set[float] = set()
     for seed in range(20):
-        rec = RecordingBackbone()
+        rec = RecordingDenoiser()
         cfg = ApexConfig(generator_steps=4)
         apex(Net(rec, ConditionShift()), X, COND, cfg, generator=torch.Generator().manual_seed(seed))
         # calls: [no-grad x̂₁ of the τ < 1 rows], generator + FM rows, shifted branch, reference
@@ -193,8 +193,8 @@ def test_separate_critic_gradients_by_hand():
     alpha, beta, w = 0.5, -0.3, 0.7
     ca, cb, cw = 0.2, 0.4, -0.5
     lp, mu = 0.7, 0.5
-    gen = LinearBackbone(alpha, beta, w)
-    crit = LinearBackbone(ca, cb, cw)
+    gen = LinearDenoiser(alpha, beta, w)
+    crit = LinearDenoiser(ca, cb, cw)
     shift = ConditionShift(a=-1.0, b=0.25, learnable=True)
     calls = []
 

@@ -49,3 +49,16 @@ def test_the_import_rule_is_not_vacuous(tmp_path):
 def test_no_module_over_500_lines():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {k: n for k, n in sizes.items() if n > 500} == {}
+
+
+def test_the_engine_test_double_is_only_the_denoiser_protocol():
+    """The objectives' tests run on a double with the four Denoiser methods: the engine needs nothing else."""
+    from conftest import LinearDenoiser
+
+    from apexctl.engine.denoiser import Denoiser
+    from apexctl.models.base import Backbone
+
+    double = LinearDenoiser()
+    assert isinstance(double, Denoiser) and not isinstance(double, Backbone)
+    public = {n for n in vars(LinearDenoiser) if not n.startswith("_")}
+    assert public == {"velocity", "condition_site", "guidance_combine", "teacher_sigmas"}

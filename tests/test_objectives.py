@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LinearBackbone
+from conftest import LinearDenoiser
 
 from apexctl.engine.flow import TimeSampler
 from apexctl.engine.objectives import (
@@ -35,7 +35,7 @@ def _grads(bb, *extra):
 
 
 def test_flow_matching_by_hand():
-    bb = LinearBackbone()
+    bb = LinearDenoiser()
     out = flow_matching(Net(bb, ConditionShift()), X, COND, FlowMatchingConfig(), torch.Generator().manual_seed(3))
     z, t = _draws(3, "n", "u")
     tb = t.reshape(-1, 1, 1, 1)
@@ -47,7 +47,7 @@ def test_flow_matching_by_hand():
 @pytest.mark.parametrize("clip", [None, 0.3])
 def test_apex_loss_and_gradients_by_hand(clip):
     a, b, alpha, beta, w, mu, lp = -1.0, 0.25, 0.5, -0.3, 0.7, 0.5, 1.0
-    bb = LinearBackbone(alpha, beta, w)
+    bb = LinearDenoiser(alpha, beta, w)
     shift = ConditionShift(a=a, b=b, learnable=True)
     cfg = ApexConfig(
         fm_time=TimeSampler(t_max=0.9), critic_time=TimeSampler(), rectify_weight=mu, fake_weight=lp, delta_clip=clip
@@ -90,7 +90,7 @@ def test_apex_loss_and_gradients_by_hand(clip):
 
 
 def test_apex_reference_is_used_without_gradient():
-    bb = LinearBackbone()
+    bb = LinearDenoiser()
     calls = []
 
     def ref(u, s, c):
@@ -112,7 +112,7 @@ def test_apex_reference_is_used_without_gradient():
 @pytest.mark.parametrize("fake_grad", [True, False])
 def test_apex_paper_by_hand(fake_grad):
     a, b, alpha, beta, w, lam, wmax = -1.0, 0.0, 0.5, -0.3, 0.7, 0.5, 10.0
-    bb = LinearBackbone(alpha, beta, w)
+    bb = LinearDenoiser(alpha, beta, w)
     shift = ConditionShift(a=a, b=b, learnable=True)
     cfg = ApexPaperConfig(time=TimeSampler(), lambda_mix=lam, fake_grad=fake_grad, weight_max=wmax)
     out = apex_paper(Net(bb, shift), X, COND, cfg, generator=torch.Generator().manual_seed(11))
@@ -145,7 +145,7 @@ def test_apex_paper_by_hand(fake_grad):
 
 
 def test_loss_terms_are_named():
-    bb = LinearBackbone()
+    bb = LinearDenoiser()
     out = apex(Net(bb, ConditionShift()), X, COND, ApexConfig(), generator=torch.Generator().manual_seed(0))
     assert set(out.terms) == {"fm", "fake", "rect", "delta_abs"}
     out = apex_paper(Net(bb, ConditionShift()), X, COND, ApexPaperConfig(), generator=torch.Generator().manual_seed(0))
@@ -154,7 +154,7 @@ def test_loss_terms_are_named():
 
 def test_apex_guided_reference_by_hand():
     a, b, w, g = -1.0, 0.0, 0.7, 3.0
-    bb = LinearBackbone(0.5, -0.3, w)
+    bb = LinearDenoiser(0.5, -0.3, w)
     e0 = torch.tensor([0.2, 0.2]).reshape(2, 1, 1)
     uncond = Cond(e0, torch.ones(2, 1, dtype=torch.long))
     cfg = ApexConfig(delta_clip=None, reference_guidance=g)

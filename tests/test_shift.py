@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LinearBackbone
+from conftest import LinearDenoiser
 from torch import nn
 
 from apexctl.engine.objectives import Net
@@ -59,7 +59,7 @@ def test_mask_size_mismatch_is_an_error():
 
 
 def test_net_shifts_at_projection_vs_embeddings_site():
-    bb = LinearBackbone(alpha=0.0, beta=0.0, w=2.0)  # F = h = w·e
+    bb = LinearDenoiser(alpha=0.0, beta=0.0, w=2.0)  # F = h = w·e
     cond = Cond(torch.tensor([[[1.0]], [[3.0]]]))
     x, t = torch.zeros(2, 1, 1, 1), torch.ones(2)
     fake = torch.tensor([True, False])
