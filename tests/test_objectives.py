@@ -111,7 +111,8 @@ def test_apex_reference_is_used_without_gradient():
 
 @pytest.mark.parametrize("fake_grad", [True, False])
 def test_apex_paper_by_hand(fake_grad):
-    a, b, alpha, beta, w, lam, wmax = -1.0, 0.0, 0.5, -0.3, 0.7, 0.5, 10.0
+    # λ ≠ ½, so a swap of λ and 1 − λ in L_mix's target changes the loss (bench/mutation_check.py: paper-mix-swapped)
+    a, b, alpha, beta, w, lam, wmax = -1.0, 0.0, 0.5, -0.3, 0.7, 0.3, 10.0
     bb = LinearDenoiser(alpha, beta, w)
     shift = ConditionShift(a=a, b=b, learnable=True)
     cfg = ApexPaperConfig(time=TimeSampler(), lambda_mix=lam, fake_grad=fake_grad, weight_max=wmax)
