@@ -150,7 +150,7 @@ MUTATIONS: list[Mutation] = [
         "    target = (1.0 - cfg.lambda_mix) * velocity_target(x, z) + cfg.lambda_mix * v_fake\n",
         "    target = cfg.lambda_mix * velocity_target(x, z) + (1.0 - cfg.lambda_mix) * v_fake\n",
         ("tests/test_objectives.py::test_apex_paper_by_hand",),
-        note="survived this check's first run (the test's λ was ½, where the swap changes nothing); λ = 0.3 since",
+        note="survived this check's first run: the test's λ was ½, where the swap changes nothing; now λ = 0.3",
     ),
     Mutation(
         "interpolation-sign",
