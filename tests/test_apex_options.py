@@ -381,18 +381,18 @@ def test_separate_critic_starts_equal_and_only_adapters_train_with_lora(work):
             assert p is base[n]  # the frozen base is shared, not copied
 
 
+def _critic_state(ck: Path) -> dict[str, torch.Tensor]:
+    """The separate critic's trained parameters (name → tensor, in training order) stored in checkpoint ``ck``."""
+    for pkl in sorted(ck.glob("custom_checkpoint_*.pkl")):
+        st = torch.load(pkl, weights_only=False)
+        if isinstance(st, dict) and "critic" in st:
+            return st["critic"]
+    raise AssertionError("no critic state in the checkpoint")
+
+
 def test_separate_critic_trains_by_l_fake_and_resumes_exactly(work):
     full, part = _uninterrupted_equals_resumed(work, "critic", {"critic": "separate"})
-
-    def critic_state(run: Path) -> dict:
-        ck = run / "checkpoints" / "step-000004"
-        for pkl in sorted(ck.glob("custom_checkpoint_*.pkl")):
-            st = torch.load(pkl, weights_only=False)
-            if isinstance(st, dict) and "critic" in st:
-                return st["critic"]
-        raise AssertionError("no critic state in the checkpoint")
-
-    a, b = critic_state(full), critic_state(part)
+    a, b = (_critic_state(r / "checkpoints" / "step-000004") for r in (full, part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     gen = load_file(str(full / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], gen[k]) for k in a)  # the critic trained apart from the generator
@@ -430,5 +430,17 @@ def test_separate_critic_under_ddp_stays_replicated(work):
     cmd = [sys.executable, "-m", "apexctl", "distill", str(r), "--launch", "2", "-q"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    info = json.loads((work / "critic-ddp" / "checkpoints" / "step-000002" / "COMPLETE").read_text())
-    assert info["world_size"] == 2 and len(set(info["param_checksums"])) == 1
+    from apexctl.training.checkpoint import param_checksum
+
+    ck = work / "critic-ddp" / "checkpoints" / "step-000002"
+    info = json.loads((ck / "COMPLETE").read_text())
+    assert info["world_size"] == 2 and len(info["param_checksums"]) == 2
+    # each rank's checksum is that of the trained parameters this checkpoint holds, the critic's included: the
+    # generator's adapter (model.safetensors), then the critic's (save_checkpoint refuses unequal checksums:
+    # tests/test_train_cli.py::test_replicas_that_differ_are_not_checkpointed)
+    critic, model = _critic_state(ck), load_file(str(ck / "model.safetensors"))
+    assert critic and all("lora_" in n for n in critic)
+    assert any(not torch.equal(model[n], critic[n]) for n in critic)  # the critic trained apart: it counts
+    want = param_checksum([model[n] for n in critic] + list(critic.values()))
+    for rank_sum in info["param_checksums"]:
+        assert rank_sum == pytest.approx(want, rel=1e-12, abs=0)

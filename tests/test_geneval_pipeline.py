@@ -244,21 +244,28 @@ def test_partial_folder_is_refused_naming_missing_prompts(generated, tmp_path):
 
 def test_missing_weights_and_bad_usage_are_one_line_errors(generated, tmp_path):
     base = ["--images", str(generated), "--no-generate", "--per-prompt", "2", "--prompts", PICK]
-    res = _cli(*base)
-    assert res.exit_code == 2 and "facebook/mask2former-swin-small-coco-instance" in res.output
-    res = _cli(*base, "--detector", str(tmp_path / "nope"), "--clip", str(tmp_path))
-    assert res.exit_code == 2 and "--detector" in res.output and "facebook/mask2former" in res.output
-    res = _cli(*base, "--detector", str(tmp_path))  # colour prompts selected, no --clip
-    assert res.exit_code == 2 and "openai/clip-vit-large-patch14" in res.output
-    # checked before any generation: nothing is written
-    res = _cli("--model", "tiny:test", "--size", "32", "--images", str(tmp_path / "new"), "--prompts", "0:2")
-    assert res.exit_code == 2 and not (tmp_path / "new").exists()
-    res = _cli("--no-generate", "--no-score")
-    assert res.exit_code == 2 and "nothing to do" in res.output
-    res = _cli(*base, "--detections", str(tmp_path / "d.jsonl"))
-    assert res.exit_code == 2 and "no such file" in res.output
-    for out in (res.output,):
-        assert len(out.strip().splitlines()) == 1
+    cases = [
+        (base, ["facebook/mask2former-swin-small-coco-instance"]),
+        (
+            [*base, "--detector", str(tmp_path / "nope"), "--clip", str(tmp_path)],
+            ["--detector", "facebook/mask2former"],
+        ),
+        ([*base, "--detector", str(tmp_path)], ["openai/clip-vit-large-patch14"]),  # colour prompts, no --clip
+        # checked before any generation: nothing is written
+        (
+            ["--model", "tiny:test", "--size", "32", "--images", str(tmp_path / "new"), "--prompts", "0:2"],
+            ["mask2former"],
+        ),
+        (["--no-generate", "--no-score"], ["nothing to do"]),
+        ([*base, "--detections", str(tmp_path / "d.jsonl")], ["no such file"]),
+    ]
+    for args, needles in cases:
+        res = _cli(*args)
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1, (args, res.output)
+        assert all(n in lines[0] for n in needles), (args, res.output)
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "new").exists()
 
 
 def test_rle_matches_pycocotools_fixtures():

@@ -6,13 +6,16 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from fid_util import build_fid_weights, small_inception_input
+from PIL import Image
 from tiny_eval_models import build_tiny_clip
 from typer.testing import CliRunner
 
 from apexctl.cli import app
+from apexctl.models import resolve_model_path
 
 runner = CliRunner()
 TINY = "tiny:digits?num_layers=2&num_attention_heads=2&attention_head_dim=16"
@@ -53,6 +56,31 @@ def run(tmp_path_factory) -> Path:
     mp.undo()
 
 
+def _pngs(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=int) for p in sorted(folder.glob("*.png"))])
+
+
+def _drawn(model: Path | str, texts: list[str], seeds: list[int], steps: int, guidance: float = 1.0) -> np.ndarray:
+    """``model``'s images for ``texts`` / ``seeds`` computed directly with the engine's samplers: one step
+    (x = z − F(z, 1, c)) or ``steps`` Euler steps on the teacher's schedule with CFG ``guidance``."""
+    import torch
+
+    from apexctl.engine.sampler import euler, one_step
+    from apexctl.images import to_uint8
+    from apexctl.inference import seeded_noise
+    from apexctl.models import load_backbone
+
+    bb = load_backbone(str(model))
+    with torch.no_grad():
+        z, cond = seeded_noise(bb.latent_shape(8, 8), seeds), bb.encode_prompts(texts)
+        if steps == 1:
+            x = one_step(bb, z, cond)
+        else:
+            uncond = bb.encode_prompts([""] * len(texts)) if guidance > 1.0 else None
+            x = euler(bb, z, cond, steps, uncond=uncond, guidance_scale=guidance)
+        return to_uint8(bb.decode_latents(x)).astype(int)
+
+
 def test_fid_and_clip_score_to_teacher_then_report(run, tmp_path):
     prompts = str(run.parent / "prompts.jsonl")
     weights = build_fid_weights(tmp_path)
@@ -62,11 +90,32 @@ def test_fid_and_clip_score_to_teacher_then_report(run, tmp_path):
     gen, ref = Path(fid["generated"]["path"]), Path(fid["reference"]["path"])
     assert fid["generated"]["n"] == fid["reference"]["n"] == 6
     assert fid["generated"]["settings"]["steps"] == 1 and fid["reference"]["settings"]["method"] == "euler"
-    assert fid["reference"]["settings"]["steps"] == 3 and fid["fid"] > 0  # student ≠ teacher
+    assert fid["reference"]["settings"]["steps"] == 3
     # same prompts and seeds on both sides: image k of a prompt uses seed k
     rows = [[json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] for d in (gen, ref)]
     assert [(r["prompt"], r["seed"]) for r in rows[0]] == [(r["prompt"], r["seed"]) for r in rows[1]]
     assert [r["seed"] for r in rows[0]] == [0, 1] * 3
+
+    # the two sets are the student's one-step and the teacher's 3-step Euler images, recomputed here from each
+    # model's weights; the student's are not the teacher's one-step images (training moved them)
+    texts, seeds = [r["prompt"] for r in rows[0]], [r["seed"] for r in rows[0]]
+    teacher = resolve_model_path(TINY)
+    guidance = fid["reference"]["settings"]["guidance"]
+    assert np.abs(_pngs(gen) - _drawn(run / "model", texts, seeds, 1)).max() <= 1
+    assert np.abs(_pngs(ref) - _drawn(teacher, texts, seeds, 3, guidance)).max() <= 1
+    assert np.abs(_pngs(gen) - _drawn(teacher, texts, seeds, 1)).max() > 1
+
+    # and the value is the FID of those two sets: the folders compared again (either way round) give it back; a
+    # set against itself gives 0, so the student–teacher value is a distance, not round-off
+    def fid_of(a: Path, b: Path) -> float:
+        dest = tmp_path / f"fid-{a.name}-{b.name}.json"
+        _ok(["eval", "fid", "--generated", str(a), "--reference", str(b), "--inception", str(weights), "--out",
+             str(dest), "-q"])  # fmt: skip
+        return json.loads(dest.read_text())["fid"]
+
+    assert fid_of(gen, ref) == pytest.approx(fid["fid"], rel=1e-6)
+    assert fid_of(ref, gen) == pytest.approx(fid["fid"], rel=1e-3)
+    assert fid["fid"] > 0 and fid_of(ref, ref) == pytest.approx(0.0, abs=1e-4 * fid["fid"])
 
     clip = build_tiny_clip(tmp_path / "clip")
     before = {p: p.stat().st_mtime_ns for p in ref.glob("*.png")}
