@@ -18,7 +18,7 @@ def require_optimizer_package(recipe: Recipe) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise BadInput(
-                "train.optimizer = 'adamw8bit' needs bitsandbytes (pip install bitsandbytes; CUDA only); "
+                "train.optimizer = 'adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
                 "or use train.optimizer = 'adamw'"
             ) from None
 
