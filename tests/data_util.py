@@ -32,6 +32,33 @@ def write_recipe(tmp: Path, name: str, tree: dict, sections: dict) -> Path:
     return p
 
 
+#: the trainer tests' EMA run: EMA reference, learnable shift, cosine schedule with warm-up, prompt dropout
+EMA_RUN = {
+    "data": {"cond_dropout": 0.1},
+    "method": {"reference": "ema", "shift": {"learnable": True}},
+    "train": {"steps": 6, "lr_schedule": "cosine", "warmup_steps": 2, "ema_decay": 0.9},
+}
+
+
+def digits_recipe(
+    tmp: Path, name: str, *, model_path: str = TINY_DIGITS, preset: dict | None = None, **sections: dict
+) -> Path:
+    """A tiny-digits ``apex`` recipe on CPU (cache ``tmp/cache``, run ``tmp/name``): the defaults the trainer tests
+    share, then ``preset``'s sections, then ``sections`` (each merged into its section)."""
+    tree = {
+        "model": {"path": model_path},
+        "data": {"source": "digits", "cache_dir": str(tmp / "cache")},
+        "method": {"objective": "apex"},
+        "train": {"micro_batch": 4, "lr": 1e-3, "log_every": 1, "checkpoint_every": 100},
+        "hardware": {"device": "cpu"},
+        "output": {"dir": str(tmp / name)},
+    }
+    for layer in (preset or {}, sections):
+        for k, v in layer.items():
+            tree.setdefault(k, {}).update(v)
+    return write_recipe(tmp, name, tree, {})
+
+
 def fails(args: list[str], code: int = 2) -> str:
     res = runner.invoke(app, [str(a) for a in args])
     assert res.exit_code == code, res.output

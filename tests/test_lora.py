@@ -86,16 +86,20 @@ def test_stock_pipeline_with_the_lora_equals_apexctl_one_step(lora_run):
     assert (_stock_one_step(z) - stock).abs().max() > 1e-4
 
 
-def _stock_one_step(z: torch.Tensor, lora: Path | None = None) -> torch.Tensor:
-    """The stock Qwen-Image pipeline's packed one-step latents for ``z`` (with ``lora`` loaded when given)."""
+def _stock_one_step(
+    z: torch.Tensor, lora: Path | None = None, pipe=None, prompt: str = "a handwritten digit seven"
+) -> torch.Tensor:
+    """The stock Qwen-Image pipeline's packed one-step latents for ``z``: ``pipe``, else tiny:test's with the
+    one-step scheduler (and ``lora`` loaded when given)."""
     from apexctl.models import resolve_model_path
     from apexctl.models.qwen_image import pack_latents
 
-    pipe = _one_step_pipeline(resolve_model_path("tiny:test"))
+    if pipe is None:
+        pipe = _one_step_pipeline(resolve_model_path("tiny:test"))
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     return pipe(
-        "a handwritten digit seven",
+        prompt,
         num_inference_steps=1,
         height=32,
         width=32,
@@ -150,15 +154,7 @@ def test_merge_lora_loads_in_stock_pipeline_and_matches_one_step(lora_run, tmp_p
     pipe = QwenImagePipeline.from_pretrained(str(out))  # stock loading, stock scheduler config as written
     pipe.set_progress_bar_config(disable=True)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    stock = pipe(
-        "any digit",
-        num_inference_steps=1,
-        height=32,
-        width=32,
-        latents=pack_latents(z),
-        output_type="latent",
-        true_cfg_scale=1.0,
-    ).images
+    stock = _stock_one_step(z, pipe=pipe, prompt="any digit")
     ours = load_trained(load_recipe(recipe))
     torch.testing.assert_close(
         stock, pack_latents(one_step(ours, z, ours.encode_prompts(["any digit"]))), atol=1e-5, rtol=1e-5

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_util import TINY_DIGITS, metrics, ok, write_recipe
+from data_util import EMA_RUN, digits_recipe, metrics, ok
 from safetensors.torch import load_file
 
 HOOK = """
@@ -44,26 +44,8 @@ if _spec and os.environ.get("RANK", "0") == _spec.split(":")[0]:
 
 
 def _recipe(tmp: Path, name: str, **sections) -> Path:
-    tree = {
-        "model": {"path": TINY_DIGITS},
-        "data": {"source": "digits", "cache_dir": str(tmp / "cache"), "cond_dropout": 0.1},
-        "method": {"objective": "apex", "reference": "ema", "shift": {"learnable": True}},
-        "train": {
-            "steps": 6,
-            "micro_batch": 4,
-            "lr": 1e-3,
-            "lr_schedule": "cosine",
-            "warmup_steps": 2,
-            "ema_decay": 0.9,
-            "log_every": 1,
-            "checkpoint_every": 2,
-            "keep_last": 10,
-            "seed": 5,
-        },
-        "hardware": {"device": "cpu"},
-        "output": {"dir": str(tmp / name)},
-    }
-    return write_recipe(tmp, name, tree, sections)
+    train = {"checkpoint_every": 2, "keep_last": 10, "seed": 5} | sections.pop("train", {})
+    return digits_recipe(tmp, name, preset=EMA_RUN, train=train, **sections)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_util import ok, write_recipe
+from data_util import EMA_RUN, digits_recipe, ok
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -19,25 +19,8 @@ TINY = "tiny:digits?num_layers=2&num_attention_heads=2&attention_head_dim=16"
 
 
 def _recipe(tmp: Path, name: str, **sections) -> Path:
-    tree = {
-        "model": {"path": TINY},
-        "data": {"source": "digits", "cache_dir": str(tmp / "cache"), "cond_dropout": 0.1},
-        "method": {"objective": "apex", "reference": "ema", "shift": {"learnable": True}},
-        "train": {
-            "steps": 6,
-            "micro_batch": 8,
-            "lr": 1e-3,
-            "lr_schedule": "cosine",
-            "warmup_steps": 2,
-            "ema_decay": 0.9,
-            "log_every": 1,
-            "checkpoint_every": 100,
-            "seed": 3,
-        },
-        "hardware": {"device": "cpu"},
-        "output": {"dir": str(tmp / name)},
-    }
-    return write_recipe(tmp, name, tree, sections)
+    train = {"micro_batch": 8, "seed": 3} | sections.pop("train", {})
+    return digits_recipe(tmp, name, model_path=TINY, preset=EMA_RUN, train=train, **sections)
 
 
 @pytest.fixture(scope="module")

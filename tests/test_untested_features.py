@@ -14,32 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_util import TINY_DIGITS, fails, ok, save_random_lora, write_recipe
+from data_util import TINY_DIGITS, digits_recipe, fails, ok, save_random_lora, write_recipe
 from safetensors.torch import load_file
 
 GIB = 2**30
 
 
 def _recipe(tmp: Path, name: str, **sections) -> Path:
-    tree = {
-        "model": {"path": TINY_DIGITS},
-        "data": {"source": "digits", "cache_dir": str(tmp / "cache")},
-        "method": {"objective": "apex", "reference": "self"},
-        "train": {
-            "steps": 2,
-            "micro_batch": 4,
-            "lr": 1e-3,
-            "lr_schedule": "constant",
-            "warmup_steps": 0,
-            "ema_decay": None,
-            "log_every": 1,
-            "checkpoint_every": 100,
-            "seed": 2,
-        },
-        "hardware": {"device": "cpu"},
-        "output": {"dir": str(tmp / name)},
-    }
-    return write_recipe(tmp, name, tree, sections)
+    train = {"steps": 2, "lr_schedule": "constant", "warmup_steps": 0, "ema_decay": None, "seed": 2}
+    return digits_recipe(
+        tmp,
+        name,
+        method={"reference": "self"} | sections.pop("method", {}),
+        train=train | sections.pop("train", {}),
+        **sections,
+    )
 
 
 @pytest.fixture(scope="module")
