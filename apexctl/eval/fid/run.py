@@ -38,8 +38,8 @@ def run_eval_fid(
     from rich.console import Console
     from rich.table import Table
 
-    from apexctl.eval.fid.frechet import fid_between
     from apexctl.eval.fid import inception as inception_mod
+    from apexctl.eval.fid.frechet import fid_between
     from apexctl.eval.fid.inception import load_fid_inception, sha256_file
     from apexctl.eval.imagesets import list_images, read_prompts
     from apexctl.eval.sample_sets import SetSpec, ensure_set, load_run, student_spec, teacher_spec
