@@ -41,7 +41,7 @@ def _umask() -> int:
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
+    _sweep_once(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_sibling_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would have
@@ -101,6 +101,25 @@ def remove_stale_siblings(path: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+#: folders whose dead writers' temporary files this process has already removed
+_SWEPT: set[Path] = set()
+
+
+def _sweep_once(folder: Path) -> None:
+    """Remove the ``.tmp`` files dead writers on this host left in ``folder``, once per folder per process: a
+    listing per write would make writing N files into one folder (an FID sample set) cost N² directory entries."""
+    key = folder.resolve()
+    if key in _SWEPT:
+        return
+    _SWEPT.add(key)
+    pattern = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+    host, me = _host(), os.getpid()
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m and m["host"] == host and int(m["pid"]) != me and p.is_file() and not _pid_alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
 
 
 def _sibling_prefix(dest: Path) -> str:
