@@ -1,9 +1,11 @@
 """Atomic writes (docs/design.md §3): write to a temporary name in the same folder, fsync, rename.
 
 A file or folder is written as a hidden sibling ``.NAME.HOST.PID.XXXXXXXX.tmp``; an old folder ``NAME`` it replaces
-is moved to ``.NAME.HOST.PID.XXXXXXXX.old`` before it is deleted. A writer killed before it could clean up leaves one of these
-behind; the next write of ``NAME`` deletes those whose writer is gone (same host, process no longer running). One on
-another host, or in the old unnamed form, is left alone: nothing here can tell whether its writer still runs.
+is moved to ``.NAME.HOST.PID.XXXXXXXX.old`` before it is deleted. A writer killed before it could clean up leaves one
+of these behind; the next folder write of ``NAME``, and this process's first file write into the same folder, delete
+those whose writer is gone (same host, process no longer running). One on another host, or in the old unnamed form,
+is left alone: nothing here can tell whether its writer still runs. (Containers that share a file system and a host
+name but not a PID namespace would defeat the liveness check: give them distinct host names.)
 """
 
 from __future__ import annotations
@@ -85,41 +87,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_siblings(path: Path) -> list[Path]:
-    """Delete the temporary (``.tmp``) and replaced (``.old``) siblings of ``path`` left by writers that died on
-    this host; returns what was removed. Live writers', other hosts' and unnamed ones stay."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.(tmp|old)$")
-    removed = []
+#: ``.NAME.HOST.PID.RANDOM.tmp`` (a write in progress) or ``.old`` (a folder being replaced)
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.(tmp|old)$")
+
+
+def remove_stale_siblings(folder: Path, name: str | None = None) -> None:
+    """Delete the temporary and replaced siblings in ``folder`` (of ``name`` only, when given) left by writers that
+    died on this host. Live writers', other hosts' and unnamed ones stay."""
     host, me = _host(), os.getpid()
-    for p in path.parent.iterdir() if path.parent.is_dir() else []:
-        m = pattern.match(p.name)
-        if m is None or m["host"] != host or int(m["pid"]) == me or _pid_alive(int(m["pid"])):
+    for p in folder.iterdir() if folder.is_dir() else []:
+        m = _SIBLING.match(p.name)
+        if m is None or (name is not None and m["name"] != name) or m["host"] != host or int(m["pid"]) == me:
+            continue
+        if _pid_alive(int(m["pid"])):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-        removed.append(p)
-    return removed
 
 
-#: folders whose dead writers' temporary files this process has already removed
+#: folders whose dead writers' leftovers this process has already removed
 _SWEPT: set[Path] = set()
 
 
 def _sweep_once(folder: Path) -> None:
-    """Remove the ``.tmp`` files dead writers on this host left in ``folder``, once per folder per process: a
-    listing per write would make writing N files into one folder (an FID sample set) cost N² directory entries."""
+    """``remove_stale_siblings(folder)`` once per folder per process: a listing per write would make writing N files
+    into one folder (an FID sample set) cost N² directory entries."""
     key = folder.resolve()
-    if key in _SWEPT:
-        return
-    _SWEPT.add(key)
-    pattern = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
-    host, me = _host(), os.getpid()
-    for p in folder.iterdir():
-        m = pattern.match(p.name)
-        if m and m["host"] == host and int(m["pid"]) != me and p.is_file() and not _pid_alive(int(m["pid"])):
-            p.unlink(missing_ok=True)
+    if key not in _SWEPT:
+        _SWEPT.add(key)
+        remove_stale_siblings(folder)
 
 
 def _sibling_prefix(dest: Path) -> str:
@@ -144,7 +142,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` (an old ``path`` is removed only then)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
+    remove_stale_siblings(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: exports and caches are meant to be shared
     try:

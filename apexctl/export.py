@@ -140,8 +140,7 @@ def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema"
     if weights not in ("ema", "live"):
         raise BadInput(f"--weights {weights!r}: expected ema or live")
     recipe = load_recipe(run / "recipe.yaml")
-    if which != "latest":
-        find_checkpoint(run, which)  # a bad --checkpoint is refused before the model is loaded
+    find_checkpoint(run, which)  # no checkpoint, or a bad --checkpoint, is refused before the model is loaded
     model_dir = resolve_model_path(recipe.model.path)
     backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
     make_trainable(backbone, recipe.model.lora)  # as trained: the same parameters, the same dtypes

@@ -310,3 +310,37 @@ def test_report_shows_wall_time_and_median_step_time(tmp_path):
     assert "median step time" in page and ">3.75<" in page and "14.8" not in page
     (run / "run.json").unlink()
     assert "unknown (no run.json" in write_report(run, samples=False, quiet=True).read_text()
+
+
+def test_resuming_an_older_checkpoint_sets_the_abandoned_newer_ones_aside(home):
+    """`--resume step-2` in a run that also has a step-6 checkpoint: step 6 (the abandoned line) is set aside, so it
+    neither outranks the resumed run's own step 4 for `--resume auto` / export nor survives `keep_last: 1` pruning
+    in its place."""
+    run = _old_run(home, "older", steps=(2, 6))
+    (run / "recipe.yaml").write_text(_recipe(home, "older", keep_last=1).read_text())
+    out = _invoke(["distill", run / "recipe.yaml", "--resume", run / "checkpoints" / "step-000002", "-q"])
+    assert "step-000006.superseded: a checkpoint past step 2" in out, out
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step-000004", "step-000006.superseded"], names
+    _assert_recorded_run(run)
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(home):
+    """A kill mid-write leaves half a row at the end of metrics.jsonl: `--resume auto` drops it (no traceback) and
+    the resumed rows follow on their own lines."""
+    run = _old_run(home, "torn")
+    (run / "metrics.jsonl").write_text(json.dumps(EXPECTED["metrics"][0]) + "\n" + '{"step": 3, "loss": 0.')
+    _invoke(["distill", run / "recipe.yaml", "--resume", "auto", "-q"])
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 3, 4]
+
+
+def test_a_safetensors_header_of_the_wrong_shape_is_damage_not_a_traceback(tmp_path):
+    from apexctl.training.checkpoint import check_loadable
+
+    folder = tmp_path / "step-000002"
+    folder.mkdir()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1]}}).encode()  # JSON, but no data_offsets
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (folder / "COMPLETE").write_text("{}")
+    assert check_loadable(folder) == "model.safetensors has an unreadable header"

@@ -83,7 +83,10 @@ def _safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(n))
         except ValueError:
             return f"{path.name} has an unreadable header"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):  # JSON, but not a safetensors header
+        return f"{path.name} has an unreadable header"
     want = 8 + n + max(ends, default=0)
     return f"{path.name} is truncated ({size} of {want} bytes)" if size < want else None
 
@@ -126,6 +129,21 @@ def set_aside(folder: Path) -> Path:
         aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:8]}")
     os.rename(folder, aside)
     return aside
+
+
+def set_aside_after(run: Path, step: int) -> list[Path]:
+    """Rename every complete checkpoint past ``step`` to ``step-N.superseded`` (kept, out of every lookup): a run
+    resumed from an older checkpoint, or started over, must not have an abandoned line's newer step outrank, or be
+    pruned in favour of, its own checkpoints."""
+    moved = []
+    for n, folder in complete_checkpoints(run):
+        if n > step:
+            aside = folder.with_name(f"{folder.name}.superseded")
+            if aside.exists():
+                aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(folder, aside)
+            moved.append(aside)
+    return moved
 
 
 def sweep(run: Path) -> None:
@@ -194,6 +212,8 @@ def _load(sess: Session, folder: Path) -> str | None:
             from safetensors.torch import load_file
 
             fsdp_state = load_file(str(folder / "model.safetensors")) if acc.is_main_process else {}
+    except (MemoryError, torch.OutOfMemoryError):  # a good checkpoint that does not fit is not damage
+        raise
     except Exception as exc:  # a damaged file: any reader error; reported, then the previous checkpoint is tried
         err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
     errors = [e for e in gather(acc, err) if e is not None]

@@ -8,7 +8,6 @@ current step, checkpoint and exit cleanly.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -54,7 +53,9 @@ def _loop(sess: Session, clock: WallClock, *, until: int | None, quiet: bool) ->
         run.mkdir(parents=True, exist_ok=True)
         write_text(run / "recipe.yaml", recipe.dump())
         log.truncate_after(counter.step)
-
+        for aside in ckpt.set_aside_after(run, counter.step):
+            ckpt.warn(f"{aside.name}: a checkpoint past step {counter.step}, from the run this one replaces; set aside")
+    acc.wait_for_everyone()
     sess.last_good = ckpt.latest_checkpoint(run)
     stop_at = min(tr.steps, until) if until is not None else tr.steps
     try:
@@ -128,5 +129,5 @@ def _lock(acc, run: Path) -> RunLock | None:
     if err is not None:
         raise BadInput(err)
     if lock is not None and lock.warning:
-        print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
+        ckpt.warn(lock.warning)
     return lock

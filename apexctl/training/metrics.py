@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apexctl.atomic import write_text
@@ -78,6 +79,19 @@ def write_run_info(sess: Session, clock: WallClock) -> None:
     write_text(sess.run / RUN_INFO, json.dumps(info, indent=1) + "\n")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; a torn line (a kill or a full disk mid-write) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """``RUN/metrics.jsonl`` (one JSON object per logged step) and optionally tensorboard events, on rank 0."""
 
@@ -96,8 +110,8 @@ class MetricsLog:
         if not self.sess.main or not self.path.is_file():
             return
         rows = self.path.read_text().splitlines()
-        keep = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
-        if len(keep) != len(rows):
+        keep = [json.dumps(r) for r in read_rows(self.path) if r.get("step", 0) <= step]
+        if keep != rows:
             write_text(self.path, "".join(r + "\n" for r in keep))
 
     def record(self, out: StepOut) -> dict:

@@ -9,16 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from apexctl.engine.config import TimeSampler
 from apexctl.engine.objectives import Critic, LossOut, Reference, apex, apex_paper, flow_matching
-from apexctl.recipe import Recipe, TimeSpec
+from apexctl.recipe import Recipe
 
 Objective = Callable[..., LossOut]
-
-
-def time_sampler(spec: TimeSpec, t_max: float = 1.0) -> TimeSampler:
-    """The engine's p(t) for a recipe ``time`` section, on [0, t_max]."""
-    return spec.sampler(t_max)
 
 
 def build_objective(recipe: Recipe, reference: Reference | None = None, critic: Critic | None = None) -> Objective:

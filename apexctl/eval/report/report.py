@@ -69,16 +69,9 @@ def png_data_uri(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- training curves
 def read_metrics(run: Path) -> list[dict[str, Any]]:
     """The rows of ``RUN/metrics.jsonl`` (a torn last line from a killed run is skipped)."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    from apexctl.training.metrics import read_rows
+
+    return read_rows(Path(run) / "metrics.jsonl")
 
 
 def curve_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -279,8 +272,10 @@ def _time_rows(run: Path, rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any
     """The run's wall time from ``RUN/run.json`` (summed over resumed segments: loading, steps, checkpoints,
     grids, export) and the median logged step time. The logged steps' sum is no training time: with
     ``log_every: N`` it counts one step in N, and it leaves out everything around the steps."""
+    from apexctl.training.metrics import RUN_INFO
+
     try:
-        info = json.loads((Path(run) / "run.json").read_text())
+        info = json.loads((Path(run) / RUN_INFO).read_text())
     except (OSError, ValueError):
         info = {}
     wall = info.get("wall_time_s") if isinstance(info, dict) else None
