@@ -361,7 +361,7 @@ def validate_recipe(tree: dict, source: str = "recipe", overrides: dict[str, str
         if err["type"] == "value_error":  # a cross-key check: its message already names the keys
             msg = err["msg"].removeprefix("Value error, ")
             cause = (err.get("ctx") or {}).get("error")
-            where = _blame(getattr(cause, "path", ""), source, overrides)
+            where = _blame(getattr(cause, "path", None) or path, source, overrides)  # path: the section checked
             raise BadInput(f"{where}: {msg}{more}") from None
         value = err.get("input")
         raise BadInput(f"{_blame(path, source, overrides)}: {path} = {value!r}: {_allowed(err)}{more}") from None

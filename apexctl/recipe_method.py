@@ -244,8 +244,9 @@ def flat_method(method: dict) -> dict:
 def switch_objective(method: dict, file_keys: set[str], set_keys: set[str]) -> None:
     """``--set method.objective=X`` replaced the file's objective: drop the file's keys that X has not (they were
     the old objective's settings). Keys given with ``--set`` stay, and are checked like any other."""
-    section = SECTIONS.get(method.get("objective", "apex"))
-    if section is None:
+    objective = method.get("objective", "apex")
+    section = SECTIONS.get(objective) if isinstance(objective, str) else None
+    if section is None:  # an unknown objective: the union reports it
         return
     for key in list(method):
         if key in file_keys and key not in set_keys and key not in section.model_fields:

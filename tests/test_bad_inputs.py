@@ -207,3 +207,45 @@ def test_geneval_detections_match_any_zero_padding(tmp_path):
     rows.append({"image": "00000/samples/00000.png", "detections": {}})
     dets.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _error([*args, "--detections", dets], "line 3", "appears twice")
+
+
+# ---- found in review ------------------------------------------------------------------------------------------------
+
+
+def test_cross_key_errors_and_odd_objectives_from_set_are_blamed_on_set(tmp_path):
+    scenes = _recipe(tmp_path, {"model": {"path": "tiny:test"}, "data": {"source": "scenes", "resolution": 16}})
+    line = _error(["distill", scenes, "--dry-run", "--set", "data.resolution=8"], "--set data.resolution=8", "16")
+    assert str(scenes) not in line
+    p = _recipe(tmp_path)
+    for value in ("[apex]", "{a: 1}"):  # not a name: one line, not a TypeError
+        _error(["distill", p, "--dry-run", "--set", f"method.objective={value}"], "method.objective", "expected")
+
+
+def test_guidance_with_a_sampler_that_takes_none_is_refused(tmp_path):
+    for method in ("one", "few"):
+        _error(["sample", "x", "--model", "tiny:test", "--method", method, "--guidance", "4"], method, "euler")
+    _error(["eval", "geneval", "--model", "tiny:test", "--method", "one", "--guidance", "4"], "one", "euler")
+
+
+def test_a_detections_file_that_is_not_utf8(tmp_path):
+    p = tmp_path / "det.jsonl"
+    p.write_bytes(NOT_UTF8)
+    from apexctl.errors import BadInput
+    from apexctl.eval.geneval.detect import DetectionsFile
+
+    with pytest.raises(BadInput, match=r"^--detections .*det\.jsonl: not UTF-8 text"):
+        DetectionsFile(p)
+
+
+def test_a_metadata_line_that_is_not_utf8_is_skipped_and_reported(tmp_path):
+    root = write_folder(tmp_path / "imgs", [("a.png", 16, 16, "a red fox"), ("b.png", 16, 16, "a cat")])
+    with (root / "metadata.jsonl").open("ab") as f:
+        f.write(b'{"file_name": "a.png", "text": "caf\xe9"}\n')  # Latin-1: read as "caf\ufffd" before
+    tree = {
+        "model": {"path": TINY_DIGITS},
+        "data": {"source": "folder", "path": str(root), "cache_dir": str(tmp_path / "cache"), "num_workers": 0},
+    }
+    res = runner.invoke(app, ["prepare", str(_recipe(tmp_path, tree)), "--quiet"])
+    assert res.exit_code == 0 and "2 images" in res.output and "1 skipped" in res.output, res.output
+    skipped = json.loads((tmp_path / "cache" / "prepare_report.json").read_text())["skipped"]
+    assert [s["item"] for s in skipped] == ["metadata.jsonl line 3"] and "UTF-8" in skipped[0]["reason"]

@@ -68,3 +68,7 @@ def test_a_folder_without_t5_loads_encodes_and_saves_without_it(folder, tmp_path
         "T5EncoderModel",
     ]
     assert (tmp_path / "full" / "tokenizer_3").is_dir()
+    # loaded without text encoders from a folder without T5 (what `apexctl export` does): saved without T5
+    SD3Backbone.from_pretrained(no_t5, load_text_encoder=False).save_pretrained(tmp_path / "bare", source=no_t5)
+    assert json.loads((tmp_path / "bare" / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    assert SD3Backbone.from_pretrained(tmp_path / "bare").text_encoder_3 is None

@@ -66,8 +66,9 @@ def eval_geneval(
 
     if not generate and not score:
         raise BadInput("nothing to do: --no-generate and --no-score")
-    if method is not None and method not in ("auto", "one", "few", "euler"):
-        raise BadInput(f"--method {method!r}: expected one of auto, one, few, euler")
+    from apexctl.inference.settings import check_method
+
+    check_method(method, guidance)  # before anything loads
     selection = parse_prompt_selection(prompts)
     opts = Options.parse(option)
     if score:  # before generation: a missing weight folder should not surface hours later
@@ -79,13 +80,16 @@ def eval_geneval(
         from apexctl.inference import resolve_sample_settings as resolve
         from apexctl.inference.models import samples_trained
 
-        source = {"recipe": str(recipe) if recipe else None, "model": model, "lora": str(lora) if lora else None}
-        name = model or str(lora or recipe)
         r = _recipe(recipe, set_) if recipe is not None else None
         if r is None and lora is not None and (lora / "recipe.yaml").is_file():
             r = _recipe(lora / "recipe.yaml", set_)
+        given = model
         if lora is None:  # --model RUN(/model): that run's recipe; nothing: the newest run
             r, model = locate(r, model, set_)
+        # what is drawn, as the table and generation.json name it: the run folder when locate chose a run
+        shown = model or given or (r.output.dir if r is not None and lora is None else None)
+        source = {"recipe": str(recipe) if recipe else None, "model": shown, "lora": str(lora) if lora else None}
+        name = shown or str(lora or recipe)
         if images is None:
             if lora is not None and (lora / "lora").is_dir():
                 images = lora / "eval" / "geneval"

@@ -77,8 +77,9 @@ def sample(
         texts += [ln.strip() for ln in read_text(prompts_file, "--prompts-file").splitlines() if ln.strip()]
     if not texts:
         raise BadInput("no prompts: give them as arguments or with --prompts-file")
-    if method is not None and method not in ("auto", "one", "few", "euler"):
-        raise BadInput(f"--method {method!r}: expected one of auto, one, few, euler")
+    from apexctl.inference.settings import check_method
+
+    check_method(method, guidance)  # before anything loads
     r, model = locate(_recipe(recipe, set_) if recipe is not None else None, model, set_)
     folder, _ = run_sample(
         texts,

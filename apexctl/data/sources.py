@@ -115,17 +115,17 @@ class FolderSource(Source):
             raise BadInput(f"{meta}: missing (data.source = 'folder' needs metadata.jsonl with file_name and text)")
         items, rejected = [], []
         seen_text = False
-        for n, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines()):
-            if not line.strip():
+        for n, raw in enumerate(meta.read_bytes().splitlines()):
+            if not raw.strip():
                 continue
             index = len(items) + len(rejected)
             try:
+                line = raw.decode("utf-8")  # a line that is not UTF-8 is skipped and reported, not read as "�"
                 row = json.loads(line)
                 name = row["file_name"]
-            except (ValueError, KeyError, TypeError):
-                rejected.append(
-                    (index, f"metadata.jsonl line {n + 1}", "bad metadata line (needs JSON with file_name)")
-                )
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                why = "bad metadata line (needs UTF-8 JSON with file_name)"
+                rejected.append((index, f"metadata.jsonl line {n + 1}", why))
                 continue
             if not isinstance(name, str) or not name.strip():  # null, a number, "": not a file (was item "None")
                 why = f"file_name = {json.dumps(name)} (needs the image's file name)"

@@ -110,7 +110,7 @@ def image_prompts(folder: Path, option: str = "--images") -> list[tuple[Path, st
         if not index.is_file():
             continue
         pairs = []
-        for where, row in _jsonl(index.read_text(encoding="utf-8"), str(index)):
+        for where, row in _jsonl(read_text(index, "--images index"), str(index)):
             if not isinstance(row, dict) or not isinstance(row.get(file_key), str):
                 raise BadInput(f"{where}: expected an object with {file_key!r}")
             path = folder / row[file_key]

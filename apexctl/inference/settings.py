@@ -69,11 +69,25 @@ def model_info(backbone: Any, *, distilled: bool) -> ModelInfo:
     return ModelInfo(native_size=native() if callable(native) else None, distilled=distilled)
 
 
+METHODS = ("auto", "one", "few", "euler")
+
+
+def check_method(method: str | None, guidance: float | None = None, where: str = "--method") -> None:
+    """A method name (``None``: not given) is one of :data:`METHODS`; the one- and few-step samplers take no
+    guidance, so with ``guidance > 1`` only ``euler`` or ``auto`` is accepted (else the images would be unguided
+    while their settings say guided)."""
+    if method is None:
+        return
+    if method not in METHODS:
+        raise BadInput(f"{where} {method!r}: expected one of {', '.join(METHODS)}")
+    if method in ("one", "few") and guidance is not None and guidance > 1.0:
+        raise BadInput(f"{where} {method} with guidance {guidance:g}: only euler (or auto) uses guidance")
+
+
 def resolve_method(method: str, steps: int, guidance: float, distilled: bool) -> Method:
-    """The one meaning of ``auto`` (module docstring); any other method is returned as given."""
+    """The one meaning of ``auto`` (module docstring); any other method is checked and returned as given."""
     if method != "auto":
-        if method not in ("one", "few", "euler"):
-            raise BadInput(f"sample method {method!r}: expected one of auto, one, few, euler")
+        check_method(method, guidance, "sample method")
         return method  # type: ignore[return-value]
     if guidance > 1.0:
         return "euler"

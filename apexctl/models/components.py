@@ -172,13 +172,13 @@ class PipelineBackbone(Backbone):
 
     def _write_components(self, out: Path, src: Path | None, dest: Path) -> None:
         """Every part into ``out`` and ``model_index.json``; a part that ``present_if`` lets a folder lack stays
-        absent when the model was loaded from such a folder (with its text encoders)."""
-        with_text = any(getattr(self, p.attr) is not None for p in self.parts("text_encoder") if not p.present_if)
+        absent when it is neither loaded nor in ``src`` (e.g. SD3 without T5, also when loaded without text
+        encoders for an export)."""
         frozen: dict[str, Any] = {}
         index: dict[str, tuple[str | None, str | None]] = {name: (None, None) for name in self.absent_parts}
         for part in self.components:
             value = getattr(self, part.attr)
-            if part.present_if and with_text and getattr(self, part.present_if) is None:
+            if part.present_if and getattr(self, part.present_if) is None:
                 if src is None or not (src / part.present_if).is_dir():
                     index[part.name] = (None, None)
                     continue

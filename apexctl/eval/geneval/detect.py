@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from apexctl.errors import BadInput
+from apexctl.errors import BadInput, read_text
 from apexctl.eval.geneval.prompts import COLORS, class_names
 from apexctl.eval.geneval.score import Detection
 
@@ -136,7 +136,7 @@ class DetectionsFile:
             raise BadInput(f"--detections {path}: no such file")
         self._lines: dict[tuple[int, int] | str, dict[str, list[dict[str, Any]]]] = {}
         names = set(class_names())
-        for no, line in enumerate(self.path.read_text().splitlines(), 1):
+        for no, line in enumerate(read_text(self.path, "--detections").splitlines(), 1):
             if not line.strip():
                 continue
             where = f"--detections {path} line {no}"
