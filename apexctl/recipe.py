@@ -10,25 +10,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from apexctl.errors import BadInput, read_text
-from apexctl.recipe_method import (  # noqa: F401  (re-exported: the method sections are part of the recipe)
+from apexctl.recipe_method import (
     SECTIONS,
-    ApexMethod,
-    ApexPaperMethod,
-    FlowMatchingMethod,
+    ApexMethod,  # noqa: F401  (re-exported: the method sections are part of the recipe)
+    ApexPaperMethod,  # noqa: F401
+    FlowMatchingMethod,  # noqa: F401
     MethodSpec,
     Refused,
-    ShiftSpec,
-    TimeSpec,
+    _Strict,
     flat_method,
     switch_objective,
 )
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def torch_dtype(name: str):

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from apexctl.cli import app
 from apexctl.engine import sampler
+from apexctl.errors import BadInput
 from apexctl.inference import (
     ModelInfo,
     generate_images,
@@ -156,7 +157,11 @@ def test_few_step_noise_is_drawn_where_the_generator_lives(monkeypatch):
 )
 def test_auto_has_one_meaning(steps, guidance, distilled, want):
     assert resolve_method("auto", steps, guidance, distilled) == want
-    assert resolve_method("few", steps, guidance, distilled) == "few"  # an explicit method is kept
+    if guidance <= 1.0:
+        assert resolve_method("few", steps, guidance, distilled) == "few"  # an explicit method is kept
+    else:  # the one- and few-step samplers take no guidance: refused, not silently unguided
+        with pytest.raises(BadInput, match="only euler"):
+            resolve_method("few", steps, guidance, distilled)
 
 
 def test_size_precedence():

@@ -11,13 +11,6 @@ from apexctl.cli.common import QuietOpt, SetOpt, _recipe, app, handle_errors
 from apexctl.errors import BadInput, read_text
 
 
-def _newest_run(root: Path = Path("runs")) -> Path:
-    """The run under ``root`` trained last (full runs: ``model/``, LoRA runs: ``lora/``)."""
-    from apexctl.inference import newest_run
-
-    return newest_run(root)
-
-
 @app.command()
 @handle_errors
 def sample(

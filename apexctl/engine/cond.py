@@ -47,15 +47,6 @@ class Cond:
             out[f.name] = v
         return Cond(**out)
 
-    def repeat(self, n: int) -> Cond:
-        """Each row repeated ``n`` times in place (row i → rows i·n … i·n+n−1)."""
-        return Cond(
-            **{
-                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).repeat_interleave(n, dim=0))
-                for f in fields(self)
-            }
-        )
-
     @staticmethod
     def cat(conds: Sequence[Cond]) -> Cond:
         """Concatenate along the batch, right-padding token dimensions to the longest (mask 0 on padding)."""

@@ -37,8 +37,10 @@ def randn_tensor(
     gens = list(generator)
     if len(gens) != shape[0]:
         raise ValueError(f"{len(gens)} generators for a batch of {shape[0]} rows: give one per row")
-    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in gens]
-    return torch.cat(rows).to(dtype)
+    rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in gens]
+    if all(g.device == gens[0].device for g in gens):  # the usual case: one copy to the target device, not B
+        return torch.cat(rows).to(device, dtype)
+    return torch.cat([r.to(device) for r in rows]).to(dtype)
 
 
 def _t(value: float, like: torch.Tensor) -> torch.Tensor:

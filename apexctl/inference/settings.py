@@ -52,7 +52,7 @@ class SampleSettings:
     batch: int
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``generate_images`` / ``generate_latents`` (everything but the seed)."""
+        """Keyword arguments of ``generate_images`` (everything but the seed)."""
         kw = asdict(self)
         kw.pop("seed")
         return kw

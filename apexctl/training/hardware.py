@@ -21,7 +21,7 @@ def make_accelerator(recipe: Recipe):
     use_cpu = hw.device == "cpu" or (hw.device == "auto" and not torch.cuda.is_available())
     if hw.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("hardware.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    if hw.strategy == "fsdp" and (recipe.train.ema_decay is not None or recipe.method.reference == "ema"):
+    if hw.strategy == "fsdp" and recipe.ema_decay is not None:
         raise BadInput(
             "hardware.strategy = 'fsdp' does not support an EMA yet (train.ema_decay / method.reference = 'ema': "
             "the shadow would be sharded); use strategy 'ddp', or drop the EMA"

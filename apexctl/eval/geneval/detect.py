@@ -175,10 +175,6 @@ class DetectionsFile:
         if mask is not None and not isinstance(mask, str | dict):
             raise BadInput(f"{where}: 'mask' must be a COCO RLE object or a PNG path")
 
-    def images(self) -> set[tuple[int, int] | str]:
-        """The images with a line: (prompt index, image index), or the path when it is not in the GenEval layout."""
-        return set(self._lines)
-
     def has(self, image_rel: str) -> bool:
         return _norm(image_rel) in self._lines
 

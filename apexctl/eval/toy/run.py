@@ -68,16 +68,6 @@ def scenes_setting(recipe: Recipe) -> EvalSetting:
     return EvalSetting("scenes", prompts, judge, reference, "real data (held-out digits)", describe)
 
 
-def run_eval_digits(recipe: Recipe, **kwargs) -> dict:
-    """``apexctl eval digits``: :func:`run_eval` with the digits prompts and judge."""
-    return run_eval(recipe, digits_setting(recipe), **kwargs)
-
-
-def run_eval_scenes(recipe: Recipe, **kwargs) -> dict:
-    """``apexctl eval scenes``: :func:`run_eval` with the scenes prompts and judge."""
-    return run_eval(recipe, scenes_setting(recipe), **kwargs)
-
-
 def run_eval(
     recipe: Recipe,
     setting: EvalSetting,
