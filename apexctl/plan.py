@@ -10,6 +10,8 @@ from apexctl.recipe import Recipe
 
 _EQUATIONS = {
     "apex": "L = w_fm·L_fm(t ≤ {fm_t_max}) + {fake_weight}·L_fake(c_fake) + {rectify_weight}·L_rect(Δ clip {delta_clip}, ref {reference})",
+    "apex_full": "L = mean w(t,tt)·ℓ_{loss}(F, F*) over groups {groups} (e2e | mul | any | adv(c_fake)), F* = RCGM "
+    "order {estimate_order} (enhance {enhance_ratio}) + {rectify_weight}·L_rect(Δ clip {rectify_clip}, ref {reference})",
     "apex_paper": "L = {fake_weight}·L_fake + {mix_weight}·w(t)·‖F − ((1−λ)(z−x) + λ·v_fake)‖², λ = {lambda_mix}, weighting {weighting}",
     "flow_matching": "L = ‖F(x_t, t, c) − (z − x)‖²",
 }
@@ -139,7 +141,7 @@ def memory_lines(r: Recipe) -> list[str]:
     adam = trainable * (2 if t.optimizer == "adamw8bit" else 8)
     ema = trainable * 4 if r.ema_decay is not None else 0
     # reference = base with full tuning: a frozen fp32 copy of the starting weights
-    base = trainable * 4 if (r.method.reference == "base" and lora is None) else 0
+    base = trainable * 4 if ("base" in r.method.references and lora is None) else 0
     # critic = separate: a second copy of the trained parameters (LoRA: the adapter; the base is shared) with its
     # own gradients and optimizer states
     critic = (trainable * 8 + adam) if r.method.critic == "separate" else 0

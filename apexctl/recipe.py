@@ -125,6 +125,9 @@ class TrainSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an EMA of the trained weights")
+    ema_warmup: bool = Field(
+        False, description="ramp the EMA decay from 0 toward ema_decay (d ← d + (1 − d)(target − d)/2 per update)"
+    )
     export: Literal["ema", "live", "both"] = Field(
         "ema",
         description="with an EMA: model/ holds the EMA weights (ema), the live ones (live), or EMA + model-live/ (both)",
@@ -231,12 +234,18 @@ class Recipe(_Strict):
                 f"hardware.offload = true offloads FSDP shards to the CPU, and hardware.strategy = '{hw.strategy}' "
                 "does not shard; set hardware.strategy = 'fsdp' or hardware.offload = false",
             )
-        if m.reference == "base" and self.model.lora is None and fsdp:
+        if "base" in m.references and self.model.lora is None and fsdp:
             raise Refused(
                 "method.reference",
                 "method.reference = 'base' with full tuning keeps a frozen copy of the starting weights, which "
                 "hardware.strategy = 'fsdp' would have to shard; use model.lora (base = adapters off), strategy "
                 "'ddp', or another method.reference",
+            )
+        if getattr(m, "target_time", "none") == "embed" and fsdp:
+            raise Refused(
+                "method.target_time",
+                "method.target_time = 'embed' is not supported with hardware.strategy = 'fsdp' (the embedder is not "
+                "sharded); use strategy 'ddp', or method.target_time = 'none'",
             )
         if m.critic == "separate" and fsdp:
             raise Refused(
@@ -252,7 +261,7 @@ class Recipe(_Strict):
         ``method.reference`` is ``ema`` (the reference reads the EMA); else None (no EMA)."""
         if self.train.ema_decay is not None:
             return self.train.ema_decay
-        return REFERENCE_EMA_DECAY if self.method.reference == "ema" else None
+        return REFERENCE_EMA_DECAY if "ema" in self.method.references else None
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from apexctl.engine.config import ApexConfig, ApexPaperConfig, FlowMatchingConfig, TimeSampler
+from apexctl.engine.config import ApexConfig, ApexFullConfig, ApexPaperConfig, FlowMatchingConfig, TimeSampler
 
 _TS, _FM, _APEX, _PAPER = TimeSampler(), FlowMatchingConfig(), ApexConfig(), ApexPaperConfig()
+_FULL = ApexFullConfig()
 
 
 class _Strict(BaseModel):
@@ -81,6 +82,10 @@ class _NoReference:
     def critic(self) -> Literal["shifted"]:
         return "shifted"
 
+    @property
+    def references(self) -> set[str]:
+        return {"self"}
+
 
 class FlowMatchingMethod(_NoReference, _Strict):
     """``flow_matching`` (docs/design.md §5.4): L = ‖F(x_t, t, c) − (z − x)‖²."""
@@ -123,6 +128,17 @@ class ApexMethod(_Strict):
         description="what plays the fake score in L_fake and Δ: shifted = F(u, s, c_fake) (APEX) | separate = a second "
         "copy of the denoiser trained by L_fake with the real condition (DMD2-style baseline; training only)",
     )
+    normalize_delta: bool = Field(
+        _APEX.normalize_delta,
+        description="DMD2's per-sample normalised generator gradient: Δ ← s·Δ / mean|u − s·F_ref − x̂| (then clipped)",
+    )
+    critic_updates: int = Field(
+        1, ge=1, description="two time scales: the critic trains every step, the generator every N-th (DMD2: 5)"
+    )
+    critic_lr: float | None = Field(None, gt=0.0, description="separate critic: its own learning rate (train.lr)")
+    critic_max_grad_norm: float | None = Field(
+        None, gt=0.0, description="separate critic: its own gradient clip (null: clipped with the generator)"
+    )
     generator_steps: int = Field(
         _APEX.generator_steps,
         ge=1,
@@ -130,8 +146,20 @@ class ApexMethod(_Strict):
         "(sample with sample.method: few, sample.steps: N)",
     )
 
+    @property
+    def references(self) -> set[str]:
+        """The reference kinds the trainer must build (``ema`` needs an EMA, ``base`` a frozen start)."""
+        return {self.reference}
+
     @model_validator(mode="after")
     def _separate_has_no_shift(self) -> ApexMethod:
+        for key in ("critic_lr", "critic_max_grad_norm"):
+            if getattr(self, key) is not None and self.critic != "separate":
+                raise Refused(
+                    f"method.{key}",
+                    f"method.{key} = {getattr(self, key)!r} configures a separate critic, and method.critic = "
+                    f"'{self.critic}'; set method.critic = 'separate' or remove method.{key}",
+                )
         if self.critic == "separate":
             default = ShiftSpec()
             for key in ShiftSpec.model_fields:
@@ -170,9 +198,73 @@ class ApexPaperMethod(_NoReference, _Strict):
         return _engine_config(self, ApexPaperConfig, time=self.time.sampler(_PAPER.time.t_max))
 
 
-MethodSpec = Annotated[ApexMethod | ApexPaperMethod | FlowMatchingMethod, Field(discriminator="objective")]
+_REFERENCES = Literal["self", "ema", "base"]
+
+
+class ApexFullMethod(_Strict):
+    """``apex_full`` (docs/design.md §5.6): the released objective (TwinFlow's groups, RCGM, Barron, time
+    weighting) with the condition shift marking the fake branch."""
+
+    objective: Literal["apex_full"] = "apex_full"
+    time: TimeSpec = _time(_FULL.time)
+    t_max: float = Field(_FULL.time.t_max, gt=0.0, le=1.0, description="cap of t on the mul / any / adv rows")
+    shift: ShiftSpec = ShiftSpec()
+    groups: tuple[float, float, float, float] = Field(
+        _FULL.groups, description="shares of the batch: e2e (one-step map), mul (flow matching), any (jumps), adv"
+    )
+    full_batch: bool = Field(_FULL.full_batch, description="every group on the whole batch (4× the rows)")
+    consistency_ratio: float = Field(_FULL.consistency_ratio, ge=0.0, le=1.0)
+    mul_gap: float = Field(_FULL.mul_gap, ge=0.0, le=1.0)
+    estimate_order: int = Field(_FULL.estimate_order, ge=0, le=8, description="RCGM rollout sub-steps; 0 = none")
+    rcgm_dt: float = Field(_FULL.rcgm_dt, gt=0.0, lt=1.0)
+    rcgm_clip: float = Field(_FULL.rcgm_clip, gt=0.0)
+    enhance_ratio: float = Field(_FULL.enhance_ratio, description="CFG-enhanced target r (needs '' in the cache)")
+    enhance_range: tuple[float, float] = _FULL.enhance_range
+    loss: Literal["barron", "l2"] = _FULL.loss
+    barron_alpha: float = _FULL.barron_alpha
+    barron_c: float = Field(_FULL.barron_c, gt=0.0)
+    time_weighting: bool = _FULL.time_weighting
+    rectify_weight: float = Field(_FULL.rectify_weight, ge=0.0, description="dmc")
+    rectify_clip: float = Field(_FULL.rectify_clip, gt=0.0)
+    reference_guidance: float = Field(_FULL.reference_guidance, ge=1.0, description="CFG of the real score in Δ")
+    fake_time: Literal["shift", "signed"] = _FULL.fake_time
+    reference: _REFERENCES = Field("self", description="the real score F_R of the rectify term: self | ema | base")
+    target_reference: _REFERENCES = Field(
+        "self", description="F_T of the RCGM rollouts and the enhanced target: self | ema | base"
+    )
+    critic_updates: int = Field(
+        1, ge=1, description="two time scales: the adv rows train every step, the whole objective every N-th"
+    )
+    target_time: Literal["none", "embed"] = Field(
+        "none",
+        description="embed: a trained target-time embedder e(tt) (e(0) = 0) added to the time embedding in "
+        "training; the export is the stock module (exact at tt = 0, how the one/few-step samplers call it)",
+    )
+
+    @property
+    def critic(self) -> Literal["shifted"]:
+        return "shifted"
+
+    @property
+    def references(self) -> set[str]:
+        return {self.reference, self.target_reference}
+
+    @model_validator(mode="after")
+    def _some_group(self) -> ApexFullMethod:
+        if sum(self.groups) <= 0 or min(self.groups) < 0:
+            raise Refused("method.groups", f"method.groups = {list(self.groups)}: shares must be ≥ 0, one > 0")
+        return self
+
+    def config(self) -> ApexFullConfig:
+        return _engine_config(self, ApexFullConfig, time=self.time.sampler(self.t_max))
+
+
+MethodSpec = Annotated[
+    ApexMethod | ApexFullMethod | ApexPaperMethod | FlowMatchingMethod, Field(discriminator="objective")
+]
 SECTIONS: dict[str, type[_Strict]] = {
     "apex": ApexMethod,
+    "apex_full": ApexFullMethod,
     "apex_paper": ApexPaperMethod,
     "flow_matching": FlowMatchingMethod,
 }

@@ -10,8 +10,10 @@ seed and the evaluation noise (image k of a prompt uses noise seed 100000·seed 
 Teacher rows are evaluated once per seed (noise only). Cells are the median over seeds with the (min–max) range.
 
 Columns: alignment (GenEval-style correctness per prompt, all prompts / several-mode prompts), mode coverage of the
-several-mode prompts, FD to real held-out images in the judge's feature space, diversity, and the training wall
-time per run (1 thread; ``--workers`` runs share the machine) with its ratio to the default ``apex`` row.
+several-mode prompts, FD to real held-out images in the judge's feature space, diversity, seed diversity (mean
+pairwise RMS distance between the seeds of one single prompt) and FD of the single prompts to their real class
+(``seed_diversity`` / ``fd_single`` of the judges), and the training wall time per run (1 thread; ``--workers``
+runs share the machine) with its ratio to the default ``apex`` row.
 Resumable: finished runs are read back from ``WORK/results.jsonl`` (keyed by their full configuration).
 
 Writes ``bench/results/quality_<setting>.json``, ``bench/results/quality_<setting>_steps.svg`` (alignment against
@@ -199,6 +201,9 @@ def _evaluator(judge, prompts, per_prompt: int, resolution: int) -> Evaluator:
             "coverage": s["multi_coverage"],
             "fd": s["fd"],
             "diversity": s["diversity"],
+            # one-step seed collapse: mean pairwise RMS between a single prompt's seeds, FD to the prompt's class
+            "seed_diversity": s.get("seed_diversity"),
+            "fd_single": s.get("fd_single"),
         }
 
     return Evaluator(texts, score, (resolution, resolution))
@@ -440,6 +445,8 @@ COLUMNS = (
     ("coverage", "coverage", 2),
     ("fd", "FD", 2),
     ("diversity", "diversity", 3),
+    ("seed_diversity", "seed div", 3),
+    ("fd_single", "FD single", 2),
 )
 
 
@@ -536,10 +543,14 @@ def questions(entries: list[dict]) -> str:
 
     def m(row: str, steps: int = 1, key: str = "align") -> str:
         v = _median_of(entries, row, steps, key)
-        return "–" if v is None else f"{v:.3f}" if key != "fd" else f"{v:.2f}"
+        return "–" if v is None else f"{v:.3f}" if key not in ("fd", "fd_single") else f"{v:.2f}"
 
     def pair(row: str, steps: int = 1) -> str:
-        return f"align {m(row, steps)}, multi {m(row, steps, 'align_multi')}, coverage {m(row, steps, 'coverage')}, FD {m(row, steps, 'fd')}"
+        return (
+            f"align {m(row, steps)}, multi {m(row, steps, 'align_multi')}, coverage {m(row, steps, 'coverage')}, "
+            f"FD {m(row, steps, 'fd')}, seed div {m(row, steps, 'seed_diversity')}, "
+            f"FD single {m(row, steps, 'fd_single')}"
+        )
 
     out = [
         f"- **1-step APEX vs the 50-step teacher**: apex 1 step: {pair('apex')}; teacher 50 steps: {pair('teacher', 50)}; "

@@ -444,3 +444,74 @@ def test_separate_critic_under_ddp_stays_replicated(work):
     want = param_checksum([model[n] for n in critic] + list(critic.values()))
     for rank_sum in info["param_checksums"]:
         assert rank_sum == pytest.approx(want, rel=1e-12, abs=0)
+
+
+# ---- DMD2's two time scales and the critic's own lr / clip --------------------------------------------------------
+
+
+def test_two_time_scales_move_the_generator_every_nth_step_only(work):
+    from apexctl.training.step import train_step
+
+    method = {"critic": "separate", "critic_updates": 3, "critic_lr": 5e-3, "critic_max_grad_norm": 0.5}
+    sess = _session(work, "ttur-sess", method)
+    assert sess.opt.param_groups[-1]["lr"] == 5e-3 and sess.opt.param_groups[0]["lr"] == 1e-3
+    gen = lambda: [p.detach().clone() for p in sess.params]  # noqa: E731
+    crit = lambda: [p.detach().clone() for p in sess.critic_params]  # noqa: E731
+    moved = []
+    for _ in range(3):
+        g0, c0 = gen(), crit()
+        train_step(sess)
+        moved.append(
+            (any(not torch.equal(a, b) for a, b in zip(g0, gen())), any(not torch.equal(a, b) for a, b in zip(c0, crit())))
+        )
+    # steps 1, 2: the critic alone; step 3: both
+    assert moved == [(False, True), (False, True), (True, True)]
+
+
+def test_critic_knobs_need_a_separate_critic():
+    from apexctl.recipe import Recipe
+
+    with pytest.raises(ValueError, match="method.critic_lr"):
+        Recipe.model_validate({"model": {"path": "tiny:digits"}, "method": {"critic_lr": 1e-3}})
+
+
+def test_apex_full_trains_and_resumes_exactly(work):
+    method = {"objective": "apex_full", "target_reference": "ema", "critic_updates": 2}
+    full, _ = _uninterrupted_equals_resumed(work, "full", method)
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/e2e", "loss/mul", "loss/any", "loss/adv", "loss/rect"} <= set(rows[-1])  # step 4: a full step
+    assert set(rows[0]) & {"loss/e2e", "loss/rect"} == set()  # step 1: a critic step (adv rows only)
+
+
+def test_target_time_embedder_folds_away_at_tt_zero(work):
+    """e(0) = 0 whatever the embedder's weights: the stock module is the model at tt = 0; tt > 0 changes it."""
+    from apexctl.engine.target_time import TargetTimeEmbedding
+
+    sess = _session(work, "tt-sess", {"objective": "apex_full", "target_time": "embed"})
+    emb = sess.net.target_time
+    assert isinstance(emb, TargetTimeEmbedding) and emb.fc1.out_features == sess.backbone.time_embedding_dim()
+    assert sess.aux_params and all(any(p is q for q in sess.trainable) for p in sess.aux_params)
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    x, cond = sess.cache.batch(torch.arange(4), torch.zeros(4, dtype=torch.bool), None)
+    u, t = torch.randn(x.shape, generator=g), torch.rand(4, generator=g)
+    with torch.no_grad():
+        stock = sess.backbone.velocity(u, t, cond)
+        at0 = sess.net(u, t, cond, tt=torch.zeros(4))
+        at_t = sess.net(u, t, cond, tt=t)
+    torch.testing.assert_close(at0, stock, rtol=0, atol=0)
+    assert not torch.allclose(at_t, stock, atol=1e-4)
+
+
+def test_target_time_run_resumes_and_exports_the_stock_module(work):
+    from apexctl.models import load_backbone
+
+    full, _ = _uninterrupted_equals_resumed(work, "tt", {"objective": "apex_full", "target_time": "embed"})
+    state = [torch.load(p, weights_only=False) for p in sorted((full / "checkpoints" / "step-000004").glob("*.pkl"))]
+    emb = [s for s in state if isinstance(s, dict) and "fc2.weight" in s]
+    assert emb and emb[0]["fc2.weight"].abs().sum() > 0  # the embedder trained (it starts at zero)
+    exported = load_backbone(str(full / "model"))  # a stock folder: no embedder keys
+    keys = load_file(str(full / "model" / "transformer" / "diffusion_pytorch_model.safetensors")).keys()
+    assert not any("fc1" in k or "target" in k for k in keys) and exported.family == "qwen_image"

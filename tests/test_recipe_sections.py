@@ -14,7 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from apexctl.cli import app
-from apexctl.engine.config import ApexConfig, ApexPaperConfig, FlowMatchingConfig
+from apexctl.engine.config import ApexConfig, ApexFullConfig, ApexPaperConfig, FlowMatchingConfig
+from apexctl.recipe_method import ApexFullMethod
 from apexctl.errors import BadInput
 from apexctl.recipe import (
     ApexMethod,
@@ -31,6 +32,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = {"path": "tiny:test"}
 ENGINE = {"apex": (ApexMethod, ApexConfig), "apex_paper": (ApexPaperMethod, ApexPaperConfig)}
 ENGINE["flow_matching"] = (FlowMatchingMethod, FlowMatchingConfig)
+ENGINE["apex_full"] = (ApexFullMethod, ApexFullConfig)
 
 
 def _write(tmp_path: Path, tree: dict, name: str = "r.yaml") -> Path:
@@ -67,13 +69,15 @@ def test_each_section_holds_only_its_objectives_keys():
     ("objective", "key", "value", "owner"),
     [
         ("flow_matching", "critic_time", {"kind": "beta"}, "'apex'"),
-        ("flow_matching", "shift", {"a": 0.5}, "'apex' or 'apex_paper'"),
-        ("flow_matching", "reference", "ema", "'apex'"),
+        ("flow_matching", "shift", {"a": 0.5}, "'apex' or 'apex_full' or 'apex_paper'"),
+        ("flow_matching", "reference", "ema", "'apex' or 'apex_full'"),
+        ("apex", "estimate_order", 1, "'apex_full'"),
+        ("apex_full", "fm_t_max", 0.5, "'apex'"),
         ("apex", "mix_weight", 2.0, "'apex_paper'"),
         ("apex", "weighting", "uniform", "'apex_paper'"),
         ("apex_paper", "critic", "separate", "'apex'"),
         ("apex_paper", "fm_t_max", 0.5, "'apex'"),
-        ("apex_paper", "reference_guidance", 2.0, "'apex'"),
+        ("apex_paper", "reference_guidance", 2.0, "'apex' or 'apex_full'"),
     ],
 )
 def test_another_objectives_key_is_refused(tmp_path, objective, key, value, owner):
@@ -93,7 +97,7 @@ def test_unknown_keys_name_the_keys_of_their_objective(tmp_path):
     p = _write(tmp_path, {"model": MODEL, "method": {"shift": {"aa": 1}}})
     _one_line_error(_dry_run(p), "unknown key 'method.shift.aa'; allowed here: a, b, mode")
     p = _write(tmp_path, {"model": MODEL, "method": {"objective": "dmd"}})
-    _one_line_error(_dry_run(p), "method.objective = 'dmd': expected 'apex', 'apex_paper' or 'flow_matching'")
+    _one_line_error(_dry_run(p), "method.objective = 'dmd': expected 'apex', 'apex_full', 'apex_paper' or 'flow_matching'")
 
 
 # ---- old RUN/recipe.yaml files ----------------------------------------------------------------------------------------
@@ -152,12 +156,16 @@ def test_recipe_and_python_api_defaults_agree(objective):
 @pytest.mark.parametrize("objective", list(ENGINE))
 def test_every_knob_of_a_section_reaches_the_engine_config(objective):
     section, _ = ENGINE[objective]
-    trainer_keys = {"objective", "shift", "reference", "critic"}  # the trainer's, not the loss function's
+    trainer_keys = {"objective", "shift", "reference", "critic", "target_reference", "target_time"}
+    trainer_keys |= {"critic_updates", "critic_lr", "critic_max_grad_norm"}  # the trainer's, not the loss function's
     base = section().config()
     changed = {"time": {"kind": "beta"}, "critic_time": {"kind": "logit_normal"}, "delta_clip": None}
     changed |= {"fake_grad": False, "fake_noise": "shared", "weighting": "uniform", "generator_steps": 3}
+    changed |= {"normalize_delta": True, "groups": (1.0, 0.0, 0.0, 0.0), "full_batch": True, "estimate_order": 1}
+    changed |= {"enhance_range": (0.1, 0.9), "loss": "l2", "time_weighting": False, "fake_time": "signed"}
+    small = ("fm_t_max", "lambda_mix", "t_max", "consistency_ratio", "mul_gap", "rcgm_dt")
     for key in set(section.model_fields) - trainer_keys:
-        value = changed.get(key, 0.3 if key in ("fm_t_max", "lambda_mix") else 2.0)
+        value = changed.get(key, 0.3 if key in small else 2.0)
         assert section(**{key: value}).config() != base, key
 
 

@@ -64,6 +64,7 @@ class ApexConfig:
     delta_clip: float | None = 1.0  # δ; None = no clamp
     reference_guidance: float = 1.0  # > 1: F_ref is the family's CFG of F_ref(c) and F_ref(∅) (needs ``uncond``)
     generator_steps: int = 1  # N: generator rows at τ on the few-step grid {1, (N−1)/N, …, 1/N}
+    normalize_delta: bool = False  # DMD2: Δ ← s·Δ / mean|u − s·F_ref − x̂| per row (x-prediction units, unit scale)
 
 
 @dataclass(frozen=True)
@@ -78,3 +79,31 @@ class ApexPaperConfig:
     fake_noise: Literal["fresh", "shared"] = "fresh"
     weighting: Literal["paper", "uniform"] = "paper"
     weight_max: float = 10.0
+
+
+@dataclass(frozen=True)
+class ApexFullConfig:
+    """Knobs of ``apex_full`` (docs/design.md §5.6): the objective the authors' code trains (TwinFlow's groups,
+    RCGM consistency targets, Barron-normalised rows, tan time weighting) with APEX's condition shift.
+
+    ``time`` is p(t) of the mul / any / adv rows (its ``t_max`` caps them); ``groups`` are the shares of the
+    batch taken by the e2e, mul, any and adv rows (a zero share drops that group)."""
+
+    time: TimeSampler = TimeSampler()
+    groups: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # e2e, mul, any, adv
+    full_batch: bool = False  # every group on every row (TwinFlow's MNIST tutorial): 4× the rows per step
+    consistency_ratio: float = 1.0  # any rows: tt = t − u·ratio·t, u ~ U(0, 1)
+    mul_gap: float = 0.05  # mul rows: tt = t − u·gap·t (instantaneous velocity, up to 5 %)
+    estimate_order: int = 2  # N Euler sub-steps of the reference rollout in the RCGM target; 0 = no RCGM
+    rcgm_dt: float = 0.01  # the small first step of the RCGM target along the data pair's own velocity
+    rcgm_clip: float = 1.0  # clamp of the RCGM residual
+    enhance_ratio: float = 0.0  # r: target += r·(F_ref(c) − F_ref(∅)) on non-adv rows with t in enhance_range
+    enhance_range: tuple[float, float] = (0.0, 1.0)  # open interval of t
+    loss: Literal["barron", "l2"] = "barron"
+    barron_alpha: float = 1.0
+    barron_c: float = 1e-3
+    time_weighting: bool = True  # w = tan((1 − (|t| − |tt|))·π/2.5) + 1 on non-adv rows
+    rectify_weight: float = 0.5  # dmc: weight of the distribution-matching (rectify) term on the e2e rows
+    rectify_clip: float = 1.0  # clamp of F(u, s, c_fake) − F_real(u, s, c)
+    reference_guidance: float = 1.0  # CFG scale of the real side of the rectify term (needs ``uncond``)
+    fake_time: Literal["shift", "signed"] = "shift"  # signed: the fake rows also see −t (the released double marker)

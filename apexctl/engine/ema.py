@@ -16,18 +16,24 @@ from torch import nn
 
 
 class EMA:
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float) -> None:
+    """``decay`` is the target d; with ``warmup`` each update uses the current dₖ, which starts at 0 and ramps
+    ``dₖ₊₁ = dₖ + (1 − dₖ)(d − dₖ)/2`` (the released code's ramp: the shadow follows the live weights at first)."""
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float, warmup: bool = False) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.decay = decay
+        self.current = 0.0 if warmup else decay
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         for s, p in zip(self.shadow, self.params, strict=True):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+            s.lerp_(p.detach().float(), 1.0 - self.current)
+        if self.current != self.decay:
+            self.current += (1.0 - self.current) * (self.decay - self.current) * 0.5
 
     def shadow_dict(self) -> dict[str, torch.Tensor]:
         """name → shadow tensor in the live parameter's dtype (for ``torch.func.functional_call``)."""
@@ -47,10 +53,11 @@ class EMA:
                     p.copy_(v)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+        return {"decay": self.decay, "current": self.current, "shadow": [s.cpu() for s in self.shadow]}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError("EMA state does not match the trained parameters")
         self.decay = float(state["decay"])
+        self.current = float(state.get("current", self.decay))  # older checkpoints: no warm-up
         self.shadow = [s.to(p.device).float() for s, p in zip(state["shadow"], self.params, strict=True)]

@@ -10,6 +10,7 @@ Every squared error is averaged over all dims and the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -19,22 +20,36 @@ from apexctl.engine.config import ApexConfig, ApexPaperConfig, FlowMatchingConfi
 from apexctl.engine.denoiser import Denoiser
 from apexctl.engine.flow import endpoint, interpolate, loss_weight, mse_per_row, velocity_target
 from apexctl.engine.shift import ConditionShift
+from apexctl.engine.target_time import TargetTimeEmbedding
 
 
 @dataclass
 class Net:
-    """F with an optional condition shift on some rows: ``net(x_t, t, c, fake=mask)``."""
+    """F with an optional condition shift on some rows: ``net(x_t, t, c, fake=mask)``; with a target-time
+    embedder (``apex_full``'s ``target_time: embed``), ``net(..., tt=tt)`` adds e(tt) to the time embedding
+    (tt = None or 0: the stock module)."""
 
     backbone: Denoiser
     shift: ConditionShift
+    target_time: TargetTimeEmbedding | None = None
 
     def __call__(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, fake: torch.Tensor | None = None
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        cond: Cond,
+        fake: torch.Tensor | None = None,
+        tt: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if fake is not None and self.shift.site == "embeddings":
             cond = cond.with_embeds(self.shift.transform(cond.embeds, fake))
-        with self.shift.applied(self.backbone.condition_site(), fake):
+        with self.shift.applied(self.backbone.condition_site(), fake), self._target_time(tt):
             return self.backbone.velocity(x_t, t, cond)
+
+    def _target_time(self, tt: torch.Tensor | None):
+        if tt is None or self.target_time is None:
+            return nullcontext()
+        return self.target_time.applied(self.backbone.time_embedding_site(), tt)
 
 
 #: F_ref(u, s, c): the reference branch of ``apex`` (no grad), provided by the trainer (self | ema | base)
@@ -99,6 +114,7 @@ def apex(
     generator: torch.Generator | None = None,
     uncond: Cond | None = None,
     critic: Critic | None = None,
+    phase: str = "all",
 ) -> LossOut:
     """The shifted branch as the model's own critic::
 
@@ -132,6 +148,12 @@ def apex(
 
     with u, L_fake and Δ built from this x̂ exactly as above. N = 1 is the formula at the top (τ ≡ 1, x_τ = z),
     computed by the same code and drawing the same random numbers as before the option existed.
+
+    ``normalize_delta`` (DMD2's per-sample normalised generator gradient, in x-prediction units)::
+
+        Δ ← s·Δ / mean|u − s·F_ref(u, s, c) − sg(x̂)|       (per row, before the clamp)
+
+    ``phase = "critic"`` (the critic-only steps of ``critic_updates`` > 1): the loss is λ_p·L_fake alone.
     """
     B, dev = x.shape[0], x.device
     z = torch.randn(x.shape, generator=generator).to(x)
@@ -166,12 +188,18 @@ def apex(
         else:
             f_ref = ref(u, s, cond)
         delta = f_fake.detach() - f_ref
+        if cfg.normalize_delta:
+            sb = s.reshape(-1, *([1] * (x.dim() - 1)))
+            scale = (u - sb * f_ref - x_hat).abs().flatten(1).mean(1).clamp_min(1e-6)
+            delta = sb * delta / scale.reshape(-1, *([1] * (x.dim() - 1)))
         if cfg.delta_clip is not None:
             delta = delta.clamp(-cfg.delta_clip, cfg.delta_clip)
     step = delta / tau.reshape(-1, *([1] * (x.dim() - 1))) if few else delta  # x̂ moves by +Δ: F by −Δ/τ
     loss_rect = _mse(f_gen, (f_gen - step).detach())
 
     loss = cfg.fm_weight * loss_fm + cfg.fake_weight * loss_fake + cfg.rectify_weight * loss_rect
+    if phase == "critic":
+        loss = cfg.fake_weight * loss_fake
     return LossOut(
         loss,
         {

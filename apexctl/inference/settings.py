@@ -24,7 +24,7 @@ from apexctl.errors import BadInput
 from apexctl.recipe import Recipe, SampleSpec, load_recipe
 
 #: objectives whose trained model is a one/few-step student (``auto`` → few-step for N > 1 steps)
-DISTILLED_OBJECTIVES = ("apex", "apex_paper")
+DISTILLED_OBJECTIVES = ("apex", "apex_full", "apex_paper")
 #: Euler steps of an eval's teacher row when neither the command nor ``data.synthesize`` gives them
 TEACHER_STEPS = 50
 

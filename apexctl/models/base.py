@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from apexctl.engine.cond import Cond
+from apexctl.errors import BadInput
 from apexctl.hub import quiet_hub_progress, write_json
 
 __all__ = ["Backbone", "Cond", "PixelCodec", "ScaledKLCodec"]
@@ -73,6 +74,25 @@ class Backbone(ABC, nn.Module):
     @abstractmethod
     def condition_site(self) -> nn.Module:
         """The module inside the denoiser whose output is the text condition the shift applies to."""
+
+    #: the denoiser's submodule whose output is the time embedding ``[B, D]`` (``apex_full``'s target-time input
+    #: is added there); None: the family has no such single site
+    time_embedding_name: str | None = "time_text_embed"
+
+    def time_embedding_site(self) -> nn.Module:
+        """The module whose output is the time embedding (a forward hook adds e(tt) there)."""
+        name = self.time_embedding_name
+        if name is None or not hasattr(self.transformer, name):
+            raise BadInput(
+                f"method.target_time = 'embed' is not supported for the {self.family} family (no single time-"
+                "embedding module); use method.target_time = 'none'"
+            )
+        return getattr(self.transformer, name)
+
+    def time_embedding_dim(self) -> int:
+        """Width of the time embedding: the last Linear of :meth:`time_embedding_site`."""
+        linears = [m for m in self.time_embedding_site().modules() if isinstance(m, nn.Linear)]
+        return int(linears[-1].out_features)
 
     def condition_dim(self) -> int:
         """Feature size at ``condition_site()`` (for a ``diag`` shift)."""

@@ -47,6 +47,8 @@ class SanaBackbone(PipelineBackbone):
     ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
     """
 
+    time_embedding_name = None  # AdaLayerNormSingle returns the 6·D modulation, not the embedding
+
     family = "sana"
     pipeline_class = "SanaPipeline"
     components = (

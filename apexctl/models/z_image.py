@@ -61,6 +61,8 @@ class ZImageBackbone(ScaledKLCodec, PipelineBackbone):
     ``text_encoder`` / ``codec`` may be ``None`` when loaded without them.
     """
 
+    time_embedding_name = "t_embedder"
+
     family = "z_image"
     pipeline_class = "ZImagePipeline"
     components = (

@@ -35,16 +35,20 @@ def make_reference(
     base: dict[str, torch.Tensor] | None = None,
     adapters_off: Callable[[], AbstractContextManager] | None = None,
 ) -> Reference | None:
-    """F_ref of ``apex``: None (self), the EMA shadows, or the starting model — a frozen copy of the initial trained
-    weights (``base``, full tuning) or the LoRA base (``adapters_off()``: the adapters disabled for the call)."""
+    """F_ref of ``apex`` / ``apex_full``: None (self), the EMA shadows, or the starting model — a frozen copy of the
+    initial trained weights (``base``, full tuning) or the LoRA base (``adapters_off()``: the adapters disabled).
+
+    ``tt`` (``apex_full``'s target-time input) reaches the EMA reference (with the live target-time embedder: it
+    is not averaged); the starting model has none, and its stock path is its instantaneous velocity, so ``base``
+    drops it."""
     if kind == "ema" or (kind == "base" and base is not None):
 
-        def reference(u, t, c):
+        def reference(u, t, c, tt=None):
             params = ema.shadow_dict() if kind == "ema" else base
             backbone.set_forward_module(ShadowForward(transformer, params))
             try:
                 with torch.no_grad():
-                    return net(u, t, c)
+                    return net(u, t, c, tt=tt if kind == "ema" else None)
             finally:
                 backbone.set_forward_module(wrapped)
 
@@ -53,7 +57,7 @@ def make_reference(
         if adapters_off is None:
             raise ValueError("reference 'base' with LoRA needs adapters_off")
 
-        def reference(u, t, c):
+        def reference(u, t, c, tt=None):
             with torch.no_grad(), adapters_off():
                 return net(u, t, c)
 

@@ -15,6 +15,7 @@ from apexctl.data.cache import LatentCache, PairSampler
 from apexctl.engine.ema import EMA
 from apexctl.engine.objectives import Net
 from apexctl.engine.shift import ConditionShift
+from apexctl.engine.target_time import TargetTimeEmbedding
 from apexctl.errors import BadInput
 from apexctl.export import write_export
 from apexctl.lora import adapters_disabled, check_lora_formats, make_trainable
@@ -96,10 +97,14 @@ def setup(recipe: Recipe, acc) -> Session:
     if m.shift.learnable:
         groups.append({"params": list(shift.parameters()), "lr": tr.lr * m.shift.lr_scale, "weight_decay": 0.0})
     critic, critic_named = None, []
-    if m.critic == "separate":  # recipe-validated: apex, not FSDP; equal budget: same optimizer, lr and steps
+    if m.critic == "separate":  # recipe-validated: apex, not FSDP; same optimizer and steps (lr: method.critic_lr)
         critic = make_critic(transformer)
         critic_named = [(n, p) for n, p in critic.named_parameters() if p.requires_grad]
-        groups.append({"params": [p for _, p in critic_named], "lr": tr.lr})
+        groups.append({"params": [p for _, p in critic_named], "lr": m.critic_lr or tr.lr})
+    tt_embed = None
+    if getattr(m, "target_time", "none") == "embed":  # apex_full's target-time input: trained, never exported
+        tt_embed = TargetTimeEmbedding(backbone.time_embedding_dim())
+        groups.append({"params": list(tt_embed.parameters()), "lr": tr.lr, "weight_decay": 0.0})
     opt = make_optimizer(recipe, groups)
     sched = make_schedule(recipe, opt)
     if fsdp:  # not through acc.prepare (it would wrap the model in DDP); checkpoints go through fsdp.OptimizerState
@@ -109,6 +114,8 @@ def setup(recipe: Recipe, acc) -> Session:
         wrapped, opt = acc.prepare(transformer, opt)
         backbone.set_forward_module(wrapped)
         shift.to(acc.device)
+        if tt_embed is not None:
+            tt_embed.to(acc.device)
         backbone.to(acc.device)
         if critic is not None:  # equal to the model as prepared (DDP broadcast rank 0's weights, e.g. a LoRA init)
             critic.to(acc.device)
@@ -119,18 +126,26 @@ def setup(recipe: Recipe, acc) -> Session:
     # reference = base with full tuning: the starting weights, frozen (taken before any step and before a resume
     # loads the trained ones, so a resumed run has the same base without storing it in the checkpoint)
     base = None
-    if m.reference == "base" and lora is None:
+    if "base" in m.references and lora is None:
         base = {n: p.detach().clone() for n, p in named}
 
     ema_decay = recipe.ema_decay  # train.ema_decay, or the reference EMA of method.reference: ema
-    ema = EMA(named, ema_decay) if ema_decay is not None else None
-    net = Net(backbone, shift)
+    ema = EMA(named, ema_decay, warmup=tr.ema_warmup) if ema_decay is not None else None
+    net = Net(backbone, shift, tt_embed)
     adapters_off = partial(adapters_disabled, transformer)
-    reference = make_reference(m.reference, backbone, transformer, net, ema, wrapped, base, adapters_off)
-    objective = build_objective(recipe, reference, make_critic_forward(backbone, critic, wrapped) if critic else None)
+    refs = {k: make_reference(k, backbone, transformer, net, ema, wrapped, base, adapters_off) for k in m.references}
+    objective = build_objective(
+        recipe,
+        refs[m.reference],
+        make_critic_forward(backbone, critic, wrapped) if critic else None,
+        refs[m.target_reference] if m.objective == "apex_full" else None,
+    )
 
     sampler = PairSampler(len(cache), seed=tr.seed, cond_dropout=recipe.data.cond_dropout, buckets=cache.pair_buckets)
-    guided_ref = m.objective == "apex" and m.reference_guidance > 1.0
+    # the objective takes the unconditional rows: a guided reference, or apex_full's CFG-enhanced target
+    guided_ref = (m.objective in ("apex", "apex_full") and m.reference_guidance > 1.0) or (
+        m.objective == "apex_full" and m.enhance_ratio != 0.0
+    )
     empty = cache.prompt_index("") if (recipe.data.cond_dropout > 0 or guided_ref) else None
     counter = StepCounter()
     # the registration order is the checkpoint layout (custom_checkpoint_I.pkl): append, never reorder
@@ -138,6 +153,8 @@ def setup(recipe: Recipe, acc) -> Session:
         acc.register_for_checkpointing(obj)
     if critic is not None:
         acc.register_for_checkpointing(CriticState(critic_named))
+    if tt_embed is not None:
+        acc.register_for_checkpointing(tt_embed)
     if fsdp:  # the optimizer state, gathered; the weights go to model.safetensors in save_checkpoint
         holder = torch.nn.ModuleDict({"transformer": transformer, "shift": shift})
         acc.register_for_checkpointing(fsdp_mod.OptimizerState(holder, opt))
@@ -164,6 +181,7 @@ def setup(recipe: Recipe, acc) -> Session:
         global_batch=global_batch,
         critic=critic,
         critic_params=[p for _, p in critic_named],
+        aux_params=list(tt_embed.parameters()) if tt_embed is not None else [],
     )
     if tr.sample_every is not None:
         sess.sample_rows = sample_rows(tr.sample_prompts, cache)

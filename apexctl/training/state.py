@@ -60,6 +60,7 @@ class Session:
     sample_rows: list[int] = field(default_factory=list)
     critic: torch.nn.Module | None = None  # method.critic: separate (outside DDP: gradients averaged by hand)
     critic_params: list[torch.nn.Parameter] = field(default_factory=list)
+    aux_params: list[torch.nn.Parameter] = field(default_factory=list)  # apex_full's target-time embedder
 
     @property
     def world(self) -> int:
@@ -75,9 +76,11 @@ class Session:
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
-        return self.params + (list(self.shift.parameters()) if self.shift.learnable else []) + self.critic_params
+        shift = list(self.shift.parameters()) if self.shift.learnable else []
+        return self.params + shift + self.critic_params + self.aux_params
 
     @property
     def unwrapped_trainable(self) -> list[torch.nn.Parameter]:
-        """Trained parameters outside the DDP module (learnable shift, separate critic): averaged by hand."""
-        return (list(self.shift.parameters()) if self.shift.learnable else []) + self.critic_params
+        """Trained parameters outside the DDP module (learnable shift, separate critic, target-time embedder):
+        averaged by hand."""
+        return (list(self.shift.parameters()) if self.shift.learnable else []) + self.critic_params + self.aux_params

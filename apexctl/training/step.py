@@ -48,6 +48,9 @@ def train_step(sess: Session) -> StepOut:
     cache, empty = sess.cache, sess.empty
     fsdp = sess.recipe.hardware.strategy == "fsdp"
     t0 = time.perf_counter()
+    # two time scales (method.critic_updates = N > 1): the critic trains every step, the generator every N-th
+    n_critic = getattr(sess.recipe.method, "critic_updates", 1)
+    phase = {"phase": "critic"} if n_critic > 1 and (sess.counter.step + 1) % n_critic else {}
     terms_sum: dict[str, float] = {}
     loss_sum = 0.0
     for micro in range(tr.grad_accum):
@@ -60,7 +63,7 @@ def train_step(sess: Session) -> StepOut:
             sess.wrapped.set_requires_gradient_sync(sync)
         with nullcontext() if sync or fsdp else acc.no_sync(sess.wrapped), acc.autocast():
             extra = {"uncond": cache.cond(torch.full((len(x),), empty)).to(acc.device)} if sess.guided_ref else {}
-            out: LossOut = sess.objective(sess.net, x, cond, **extra)
+            out: LossOut = sess.objective(sess.net, x, cond, **extra, **phase)
             acc.backward(out.loss / tr.grad_accum)
         loss_sum += float(out.loss.detach()) / tr.grad_accum
         for k, v in out.terms.items():
@@ -82,6 +85,11 @@ def train_step(sess: Session) -> StepOut:
     if finite:
         if fsdp:
             gnorm = _clip_sharded(sess, tr.max_grad_norm)
+        elif sess.critic_params and getattr(sess.recipe.method, "critic_max_grad_norm", None) is not None:
+            # the separate critic has its own clip (DMD2); the logged norm is the generator's
+            acc.clip_grad_norm_(sess.critic_params, sess.recipe.method.critic_max_grad_norm)
+            own = [p for p in trainable if not any(p is c for c in sess.critic_params)]
+            gnorm = float(acc.clip_grad_norm_(own, tr.max_grad_norm or float("inf")))
         elif tr.max_grad_norm is not None:
             gnorm = float(acc.clip_grad_norm_(trainable, tr.max_grad_norm))
         else:

@@ -4,7 +4,8 @@ Sections: the run (recipe essentials, last logged step), training curves from ``
 chart per metric: loss, every ``loss/<term>``, grad norm, lr, learnable shift, step time, peak memory), sample grids
 of the trained model at 1/2/4 steps (PNG, embedded as base64; drawn once into ``RUN/report/`` with fixed seeds and
 reused), and every evaluation summary found under ``RUN/eval/`` as a table: ``fid.json``, ``clip_score.json``,
-digits ``results.json``, GenEval ``summary.json``; any other JSON summary as key/value rows.
+digits / scenes ``results.json`` (with per-prompt seed diversity and single-prompt FD), GenEval ``summary.json``;
+any other JSON summary as key/value rows.
 """
 
 from __future__ import annotations
@@ -174,8 +175,11 @@ def _clip_table(s: dict[str, Any]) -> str:
 
 
 def _digits_table(s: dict[str, Any]) -> str:
+    """The toy judges' ``results.json`` (digits and scenes): one row per evaluated row (the columns of
+    :func:`apexctl.eval.toy.digits.format_table`), then the single prompts' seed diversity and FD per prompt."""
     rows = []
-    for name, r in s.get("rows", {}).items():
+    results = s.get("rows", {})
+    for name, r in results.items():
         a = r.get("alignment", {})
         rows.append(
             [
@@ -185,11 +189,27 @@ def _digits_table(s: dict[str, Any]) -> str:
                 r.get("multi_coverage"),
                 r.get("fd"),
                 r.get("diversity"),
+                r.get("seed_diversity"),
+                r.get("fd_single"),
                 r.get("n"),
             ]
         )
-    header = ["row", "align single ↑", "align multi ↑", "cover multi ↑", "FD ↓", "diversity ≈real", "n"]
-    return html_table(header, rows)
+    header = ["row", "align single ↑", "align multi ↑", "cover multi ↑", "FD ↓", "diversity ≈real"]
+    header += ["seed div ≈real", "FD single ↓", "n"]
+    out = html_table(header, rows)
+    for key, title in (("seed_diversity", "seed diversity ≈real"), ("fd_single", "FD to the prompt's class ↓")):
+        out += _per_prompt_table(results, key + "_per_prompt", title)
+    return out
+
+
+def _per_prompt_table(results: dict[str, Any], key: str, title: str) -> str:
+    """Single prompt × evaluated row of ``results[row][key]`` (a prompt → value dict); empty if no row has it."""
+    per = {name: r[key] for name, r in results.items() if isinstance(r, dict) and isinstance(r.get(key), dict)}
+    prompts = list(dict.fromkeys(p for d in per.values() for p in d))
+    if not prompts:
+        return ""
+    rows = [[p, *(per[name].get(p) for name in per)] for p in prompts]
+    return f'<p class="note">per single prompt: {escape(title)}</p>' + html_table(["prompt", *per], rows)
 
 
 def _geneval_table(s: dict[str, Any]) -> str:

@@ -16,6 +16,18 @@ pixels in [−1, 1]. Metrics on N generated images with per-image allowed classe
 - ``multi_coverage``: mean over multi prompts of the fraction of allowed classes that get at least half their fair
   share, ``count ≥ 0.5 · n_prompt / |allowed|``. Alignment alone cannot see collapse: the blurred mean of the even
   digits is classified as a 6, which *is* even.
+- ``seed_diversity`` (and ``seed_diversity_per_prompt``, prompt → value): for each single prompt, the mean over
+  pairs i < j of its images of the RMS pixel distance ``sqrt(mean_p (a_i,p − a_j,p)²)``, on the judge's 8×8 grey
+  pixels mapped to [0, 1] (``(x + 1) / 2``); overall: the mean over single prompts. One-step seed collapse (the same
+  image for every seed of a prompt) scores 0; it is invisible to ``diversity``, which pools a class's images across
+  prompts. Needs ``prompts``.
+- ``fd_single`` (and ``fd_single_per_prompt``): for each single prompt of class k, the Fréchet distance between its
+  images and the real held-out TEST images of class k, in the 20-d PCA space of ``fd_pca``; overall: the mean over
+  single prompts. Why PCA-20 and not the 128-d hidden features: the default split holds only 39–40 test images per
+  class, so a 128-d class covariance has rank ≤ 39 and most of it would be ``FD_EPS``: the distance then measures
+  the sample size as much as the images (real train draws of 20 / 40 / 100 images per class: 12.4 / 7.9 / 6.0 in
+  128-d, 2.5 / 1.8 / 1.4 in PCA-20); 20 dimensions keep the class covariance full rank. Needs ``prompts``; a prompt
+  (or class) with fewer than 2 images gets None.
 
 Images are clamped to [−1, 1] per channel (what a saved PNG shows), turned to grey by the channel mean, and, if
 larger than 8×8 (a recipe with ``data.resolution`` > 8), area-averaged to 8×8.
@@ -24,12 +36,13 @@ Nothing is cached on disk; fitting takes about a second.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.spatial.distance
 import torch
 from rich.table import Table
 from sklearn.decomposition import PCA
@@ -42,6 +55,7 @@ FD_EPS = 1e-6  # added to both covariances' diagonal: dead ReLU units make them 
 MLP_MAX_ITER = 500  # the judge converges in ~180 Adam epochs on the default split
 PCA_DIM = 20
 REAL_FD_SUBSET = 1000  # real "generated" set for the reference FD: as many train images as a typical sample run
+REAL_FD_PER_CLASS = 100  # real "generated" set per class for the reference fd_single: a typical images-per-prompt
 KINDS = ("single", "multi")
 
 ImageLike = torch.Tensor | np.ndarray
@@ -88,6 +102,57 @@ def _hidden(clf: MLPClassifier, x: np.ndarray) -> np.ndarray:
     return np.maximum(x @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
 
 
+def pairwise_rms(x: np.ndarray) -> float | None:
+    """Mean over pairs i < j of rows ``x`` ``[n, D]`` of ``sqrt(mean_d (x_i − x_j)²)``; None when n < 2.
+
+    ``pdist`` is the vectorised pairwise Euclidean distance (C loop, exact 0 for equal rows); RMS = L2 / sqrt(D)."""
+    if len(x) < 2:
+        return None
+    return float(scipy.spatial.distance.pdist(x, "euclidean").mean() / np.sqrt(x.shape[1]))
+
+
+def single_groups(kinds: Sequence[str], prompts: Sequence[str] | None) -> dict[str, np.ndarray] | None:
+    """Single prompt → indices of its images, in first-seen order; None without ``prompts`` or single images."""
+    if prompts is None:
+        return None
+    groups: dict[str, list[int]] = {}
+    for i, (k, p) in enumerate(zip(kinds, prompts, strict=True)):
+        if k == "single":
+            groups.setdefault(p, []).append(i)
+    return {p: np.asarray(idx) for p, idx in groups.items()} or None
+
+
+def per_prompt_mean(
+    groups: Mapping[str, np.ndarray] | None, value: Callable[[str, np.ndarray], float | None]
+) -> tuple[float | None, dict[str, float | None] | None]:
+    """``value(prompt, indices)`` per group and their mean over groups with a value (None if there are none)."""
+    if groups is None:
+        return None, None
+    per = {p: value(p, idx) for p, idx in groups.items()}
+    return mean_known(per), per
+
+
+def mean_known(per: Mapping[str, float | None]) -> float | None:
+    """The mean of the values that are not None (None if there are none)."""
+    known = [v for v in per.values() if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def seed_diversity(
+    pixels01: np.ndarray, groups: Mapping[str, np.ndarray] | None
+) -> tuple[float | None, dict[str, float | None] | None]:
+    """``pairwise_rms`` of each group's rows of ``pixels01`` ``[N, D]`` (in [0, 1]), and the mean over groups."""
+    return per_prompt_mean(groups, lambda _, idx: pairwise_rms(pixels01[idx]))
+
+
+def group_value(allowed: Sequence, idx: np.ndarray, prompt: str) -> Any:
+    """The ``allowed`` entry shared by all images ``idx`` of one prompt (BadInput if they disagree)."""
+    first = allowed[int(idx[0])]
+    if any(allowed[int(i)] != first for i in idx[1:]):
+        raise BadInput(f"score: the images of prompt {prompt!r} have different allowed sets")
+    return first
+
+
 def check_score_args(n: int, allowed: Sequence, kinds: Sequence[str], prompts: Sequence[str] | None, what: str) -> None:
     """BadInput unless there is one ``allowed`` entry, kind (and prompt, if given) per image and every kind is known."""
     if len(allowed) != n or len(kinds) != n or (prompts is not None and len(prompts) != n):
@@ -119,6 +184,8 @@ class DigitsJudge:
     test_x: np.ndarray = field(repr=False)  # [N_test, 64] real held-out pixels
     ref_mlp: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (μ, Σ + eps·I) of the test features
     ref_pca: tuple[np.ndarray, np.ndarray] = field(repr=False)  # the same in PCA space
+    # per class k: (μ, Σ + eps·I) of the class-k test images in PCA space; None when the class has < 2 images
+    ref_pca_class: dict[int, tuple[np.ndarray, np.ndarray] | None] = field(repr=False)
 
     @classmethod
     def fit(cls, split: DigitsSplit, seed: int = 0) -> DigitsJudge:
@@ -127,13 +194,16 @@ class DigitsJudge:
         x_test, y_test = _flatten(split.test_images), split.test_labels.cpu().numpy()
         clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=MLP_MAX_ITER, random_state=seed).fit(x_train, y_train)
         pca = PCA(n_components=PCA_DIM, random_state=seed).fit(x_train)
+        z_test = pca.transform(x_test)
+        by_class = {k: z_test[y_test == k] for k in range(10)}
         return cls(
             clf=clf,
             pca=pca,
             judge_test_accuracy=float(clf.score(x_test, y_test)),
             test_x=x_test,
             ref_mlp=_gaussian(_hidden(clf, x_test)),
-            ref_pca=_gaussian(pca.transform(x_test)),
+            ref_pca=_gaussian(z_test),
+            ref_pca_class={k: (_gaussian(z) if len(z) >= 2 else None) for k, z in by_class.items()},
         )
 
     @property
@@ -157,6 +227,15 @@ class DigitsJudge:
         """Fréchet distance of ``images`` to the real TEST images in the train-fitted PCA-20 pixel space."""
         return frechet_distance(*_gaussian(self.pca.transform(_flatten(images))), *self.ref_pca)
 
+    def fd_class(self, images: ImageLike, k: int) -> float | None:
+        """Fréchet distance of ``images`` to the real TEST images of class ``k`` in the PCA-20 space (``fd_single``);
+        None when either side has fewer than 2 images."""
+        x = _flatten(images)
+        ref = self.ref_pca_class.get(int(k))
+        if ref is None or len(x) < 2:
+            return None
+        return frechet_distance(*_gaussian(self.pca.transform(x)), *ref)
+
     def score(
         self,
         images: ImageLike,
@@ -166,8 +245,9 @@ class DigitsJudge:
     ) -> dict[str, Any]:
         """All metrics for N images (see the module docstring); plain Python types, JSON-serialisable.
 
-        ``allowed[i]`` / ``kinds[i]`` belong to image i. ``class_histogram`` is keyed by prompt when ``prompts``
-        is given, else by the multi prompt whose set equals ``allowed[i]`` (or the set written as "{0,2,...}").
+        ``allowed[i]`` / ``kinds[i]`` (/ ``prompts[i]``) belong to image i. ``class_histogram`` is keyed by prompt
+        when ``prompts`` is given, else by the multi prompt whose set equals ``allowed[i]`` (or the set written as
+        "{0,2,...}"). ``seed_diversity`` / ``fd_single`` group the single images by ``prompts[i]``: None without it.
         """
         x = _flatten(images)
         n = len(x)
@@ -191,6 +271,9 @@ class DigitsJudge:
             np.mean([counts[c] >= 0.5 * sum(counts) / len(sets[key]) for c in sets[key]])
             for key, counts in hist.items()
         ]
+        groups = single_groups(kinds, prompts)
+        seed_div, seed_div_per = seed_diversity((x + 1.0) / 2.0, groups)
+        fd_single, fd_single_per = per_prompt_mean(groups, lambda p, idx: self._fd_prompt(x[idx], allowed, idx, p))
         return {
             "n": n,
             "alignment": alignment,
@@ -199,7 +282,18 @@ class DigitsJudge:
             "diversity": _diversity(x, pred),
             "multi_coverage": float(np.mean(coverage)) if coverage else None,
             "class_histogram": hist,
+            "seed_diversity": seed_div,
+            "seed_diversity_per_prompt": seed_div_per,
+            "fd_single": fd_single,
+            "fd_single_per_prompt": fd_single_per,
         }
+
+    def _fd_prompt(
+        self, x: np.ndarray, allowed: Sequence[frozenset[int]], idx: np.ndarray, prompt: str
+    ) -> float | None:
+        """``fd_class`` of one single prompt's images ``x``; None unless its allowed set is one class."""
+        a = group_value(allowed, idx, prompt)
+        return self.fd_class(x, next(iter(a))) if len(a) == 1 else None
 
 
 def real_reference(judge: DigitsJudge, split: DigitsSplit, seed: int = 0) -> dict[str, Any]:
@@ -207,7 +301,9 @@ def real_reference(judge: DigitsJudge, split: DigitsSplit, seed: int = 0) -> dic
 
     Alignment: every test image under its single eval prompt (= judge test accuracy) and under each multi prompt
     containing its label. ``fd`` / ``fd_pca``: ``REAL_FD_SUBSET`` train images (seeded draw) against the test
-    images (test against itself would be 0, not a floor). ``diversity``: of the test images.
+    images (test against itself would be 0, not a floor). ``diversity``: of the test images. ``seed_diversity``:
+    of each class's test images under its single prompt. ``fd_single``: per class, ``REAL_FD_PER_CLASS`` train
+    images of the class (seeded draw) against its test images.
     """
     labels = split.test_labels.cpu().numpy().tolist()
     # (image index, prompt, allowed set, kind) for every test image under each eval prompt it satisfies
@@ -218,13 +314,36 @@ def real_reference(judge: DigitsJudge, split: DigitsSplit, seed: int = 0) -> dic
     rng = np.random.default_rng(seed)
     sub = rng.choice(len(split.train_images), size=min(REAL_FD_SUBSET, len(split.train_images)), replace=False)
     train_sub = split.train_images[np.sort(sub)]
+    train_y = split.train_labels.cpu().numpy()
+    per_class = {}
+    for k in sorted(set(labels)):
+        pool = np.flatnonzero(train_y == k)
+        pick = np.sort(rng.choice(pool, size=min(REAL_FD_PER_CLASS, len(pool)), replace=False))
+        per_class[single_prompt(k, EVAL_TEMPLATE)] = judge.fd_class(split.train_images[pick], k)
+    seed_div = row["seed_diversity_per_prompt"] or {}
+    row["seed_diversity_per_prompt"] = {p: seed_div[p] for p in per_class if p in seed_div}  # class order
     row.update(
         n=len(labels),
         fd=judge.fd(train_sub),
         fd_pca=judge.fd_pca(train_sub),
         diversity=_diversity(judge.test_x, judge.predict(judge.test_x)),
+        fd_single=mean_known(per_class),
+        fd_single_per_prompt=per_class,
     )
     return row
+
+
+#: the console table's columns, headers on two lines so that the table fits the 120 columns of a log
+TABLE_COLUMNS = (
+    "align\nsingle ↑",
+    "align\nmulti ↑",
+    "cover\nmulti ↑",
+    "FD ↓",
+    "diversity\n≈real",
+    "seed div\n≈real",
+    "FD\nsingle ↓",
+    "n",
+)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -234,11 +353,12 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def format_table(rows: Mapping[str, Mapping[str, Any]], title: str | None = None) -> Table:
     """A rich table, one row per entry (e.g. "real data", "teacher 50 steps", "apex 1 step") of ``score`` dicts.
 
-    Columns: align single ↑, align multi ↑, cover multi ↑, FD ↓, diversity (≈ real is best), n.
+    Columns: align single ↑, align multi ↑, cover multi ↑, FD ↓, diversity (≈ real is best), seed diversity of the
+    single prompts (≈ real is best), FD of the single prompts to their class ↓, n.
     """
     table = Table(title=title)
     table.add_column("row", no_wrap=True)
-    for name in ("align single ↑", "align multi ↑", "cover multi ↑", "FD ↓", "diversity ≈real", "n"):
+    for name in TABLE_COLUMNS:
         table.add_column(name, justify="right", no_wrap=True)
     for name, r in rows.items():
         align = r.get("alignment", {})
@@ -249,6 +369,8 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], title: str | None = None
             _fmt(r.get("multi_coverage")),
             _fmt(r.get("fd"), 2),
             _fmt(r.get("diversity")),
+            _fmt(r.get("seed_diversity")),
+            _fmt(r.get("fd_single"), 2),
             str(r.get("n", "")),
         )
     return table

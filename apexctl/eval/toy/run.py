@@ -26,7 +26,7 @@ from apexctl.recipe import Recipe
 @dataclass
 class EvalSetting:
     """What :func:`run_eval` needs from a setting: ``prompts`` (each with ``.prompt``, ``.allowed``, ``.kind``), a
-    ``judge`` with ``score(images, allowed, kinds)`` and ``test_accuracy``, the real-data row, and ``describe``
+    ``judge`` with ``score(images, allowed, kinds, prompts)`` and ``test_accuracy``, the real-data row, and ``describe``
     turning a prompt's ``allowed`` into JSON for results.json."""
 
     name: str
@@ -121,7 +121,7 @@ def run_eval(
     for name, model, s in rows_spec:
         t0 = time.perf_counter()
         images = generate_images(model, texts, seeds, quiet=quiet, label=name, **s.sampler_kwargs())
-        scored = judge.score(images, allowed, kinds)
+        scored = judge.score(images, allowed, kinds, texts)  # prompts: seed_diversity / fd_single group by them
         scored["seconds"] = round(time.perf_counter() - t0, 2)
         scored["steps"], scored["method"], scored["guidance"] = s.steps, s.method, s.guidance
         results[name] = scored

@@ -32,6 +32,21 @@ Metrics (names as in the digits judge, so :func:`apexctl.eval.toy.digits.format_
 - ``diversity``: :mod:`apexctl.eval.toy.digits`'s diversity over the grey crops of all present slots, grouped by
   predicted class.
 - ``mode_histogram``: per multi prompt, counts of each open attribute's values among correct samples.
+- ``seed_diversity`` (and ``seed_diversity_per_prompt``): for each single prompt, the mean over pairs i < j of its
+  images of the RMS distance over all 3·16·16 values in [0, 1] (clamped, ``(x + 1) / 2``), as in
+  :mod:`apexctl.eval.toy.digits`; overall: the mean over single prompts. One digit fills a quarter of the canvas
+  (a coloured one: one channel of it), so real values are about a third of the digits setting's.
+- ``fd_single`` (and ``fd_single_per_prompt``): for each fully specified single prompt (one class, colour and
+  position), the Fréchet distance in the ``fd`` feature space between its images and every HELD-OUT digit of its
+  class painted once in its colour at its position (≈ 40 at the default split). Such a real set varies in at most
+  13 of the 52 features (the occupied slot's 10 logits and 3 RGB means; empty slots are constant), fewer than its
+  images, so its covariance is estimated where it is not ``FD_EPS``; a generated set's ink in empty slots counts
+  against it through its own variance and mean there. Other single rules get None.
+
+``seed_diversity`` / ``fd_single`` group the single images by ``prompts[i]`` and are None without it. In the
+real-data row, ``seed_diversity`` is that of the per-prompt sets above (distinct held-out digits: the row's own
+images are drawn with replacement, so ~1/40 of their pairs are identical), and ``fd_single`` the prompts painted
+with TRAIN digits against them.
 """
 
 from __future__ import annotations
@@ -57,6 +72,12 @@ from apexctl.eval.toy.digits import (
     check_score_args,
     format_table,
     frechet_distance,
+    group_value,
+    mean_known,
+    pairwise_rms,
+    per_prompt_mean,
+    seed_diversity,
+    single_groups,
 )
 
 PRESENT_PIXELS = 5  # half the sparsest real digit's ink pixels
@@ -76,6 +97,11 @@ def _pixels(images: ImageLike) -> np.ndarray:
     if x.ndim != 4 or x.shape[1:] != (3, S.SIZE, S.SIZE):
         raise BadInput(f"scenes images must be [N, 3, {S.SIZE}, {S.SIZE}], got shape {tuple(x.shape)}")
     return np.clip(x.astype(np.float64, copy=False), -1.0, 1.0)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Clamped pixels ``[N, 3, 16, 16]`` in [−1, 1] → ``[N, 768]`` in [0, 1] (what ``seed_diversity`` compares)."""
+    return ((x + 1.0) / 2.0).reshape(len(x), -1)
 
 
 def _crops(x: np.ndarray) -> np.ndarray:
@@ -110,6 +136,9 @@ class SceneJudge:
     pca: PCA
     ref: tuple[np.ndarray, np.ndarray] = field(repr=False)
     ref_pca: tuple[np.ndarray, np.ndarray] = field(repr=False)
+    test_images: torch.Tensor = field(repr=False)  # held-out digit inks [N, 1, 8, 8]: the per-prompt real sets
+    test_labels: torch.Tensor = field(repr=False)
+    _single_ref: dict[S.SceneRule, tuple[np.ndarray, np.ndarray] | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def fit(cls, split: DigitsSplit, prompts: Sequence[S.ScenePrompt] | None = None, seed: int = 0) -> SceneJudge:
@@ -120,7 +149,8 @@ class SceneJudge:
         pixels = train.images[:PCA_FIT].reshape(min(PCA_FIT, len(train.images)), -1).numpy()
         pca = PCA(n_components=PCA_DIM, random_state=seed).fit(pixels)
         real = _prompt_scenes(split.test_images, split.test_labels, prompts, REF_PER_PROMPT, seed + 1)
-        judge = cls(digits, pca, ref=(np.zeros(1), np.zeros((1, 1))), ref_pca=(np.zeros(1), np.zeros((1, 1))))
+        empty = (np.zeros(1), np.zeros((1, 1)))
+        judge = cls(digits, pca, empty, empty, test_images=split.test_images, test_labels=split.test_labels)
         x = _pixels(real)
         judge.ref = _gaussian(judge._features(judge.detect(x)))
         judge.ref_pca = _gaussian(pca.transform(x.reshape(len(x), -1)))
@@ -157,6 +187,31 @@ class SceneJudge:
     def fd(self, images: ImageLike) -> float:
         """Fréchet distance to the real held-out reference in the slot feature space."""
         return frechet_distance(*_gaussian(self._features(self.detect(images))), *self.ref)
+
+    def single_reference(self, rule: S.SceneRule) -> torch.Tensor | None:
+        """Every held-out digit of ``rule``'s class painted once in its colour at its position ``[n, 3, 16, 16]``;
+        None unless ``rule`` is fully specified (one digit, one class, colour and position)."""
+        if not _fully_specified(rule):
+            return None
+        d = S.Digit(next(iter(rule.classes)), next(iter(rule.colours)), next(iter(rule.positions)))
+        inks = self.test_images[self.test_labels == d.label]
+        return torch.stack([S.paint([ink], [d]) for ink in inks]) if len(inks) else None
+
+    def _single_gaussian(self, rule: S.SceneRule) -> tuple[np.ndarray, np.ndarray] | None:
+        if rule not in self._single_ref:
+            real = self.single_reference(rule)
+            ok = real is not None and len(real) >= 2
+            self._single_ref[rule] = _gaussian(self._features(self.detect(real))) if ok else None
+        return self._single_ref[rule]
+
+    def _fd_single(self, features: np.ndarray, rule: S.SceneRule) -> float | None:
+        ref = self._single_gaussian(rule)
+        return None if ref is None or len(features) < 2 else frechet_distance(*_gaussian(features), *ref)
+
+    def fd_single(self, images: ImageLike, rule: S.SceneRule) -> float | None:
+        """Fréchet distance of ``images`` (all answers to one fully specified ``rule``) to its real set
+        (:meth:`single_reference`) in the ``fd`` feature space; None if either has fewer than 2 images."""
+        return self._fd_single(self._features(self.detect(images)), rule)
 
     def fd_pca(self, images: ImageLike) -> float:
         x = _pixels(images)
@@ -206,15 +261,29 @@ class SceneJudge:
         ]
         present = det.present.reshape(-1)
         grey, labels = det.grey.reshape(-1, 64)[present], det.label.reshape(-1)[present]
+        features = self._features(det)
+        groups = single_groups(kinds, prompts)
+        seed_div, seed_div_per = seed_diversity(_unit(x), groups)
+        fd_single, fd_single_per = per_prompt_mean(
+            groups, lambda p, idx: self._fd_single(features[idx], group_value(allowed, idx, p))
+        )
         return {
             "n": n,
             "alignment": alignment,
-            "fd": frechet_distance(*_gaussian(self._features(det)), *self.ref),
+            "fd": frechet_distance(*_gaussian(features), *self.ref),
             "fd_pca": self.fd_pca(x),
             "diversity": _diversity(grey, labels) if len(grey) else None,
             "multi_coverage": float(np.mean(coverage)) if coverage else None,
             "mode_histogram": hist,
+            "seed_diversity": seed_div,
+            "seed_diversity_per_prompt": seed_div_per,
+            "fd_single": fd_single,
+            "fd_single_per_prompt": fd_single_per,
         }
+
+
+def _fully_specified(rule: S.SceneRule) -> bool:
+    return rule.count == 1 and len(rule.classes) == len(rule.colours) == len(rule.positions) == 1
 
 
 def _prompt_scenes(
@@ -238,11 +307,20 @@ def real_reference(
 ) -> dict[str, Any]:
     """The "real data" row: ``per_prompt`` real scenes of HELD-OUT digits per prompt, scored as if generated (its
     alignment is the detector's accuracy). ``fd`` / ``fd_pca``: the same prompts painted with TRAIN digits against
-    the held-out reference (held-out against itself would be 0, not a floor)."""
+    the held-out reference (held-out against itself would be 0, not a floor); ``fd_single`` likewise per single
+    prompt, and ``seed_diversity`` that of each single prompt's real set (module docstring)."""
     prompts = S.eval_prompts() if prompts is None else prompts
     real = _prompt_scenes(split.test_images, split.test_labels, prompts, per_prompt, seed + 7)
     rows = [p for p in prompts for _ in range(per_prompt)]
     row = judge.score(real, [p.allowed for p in rows], [p.kind for p in rows], [p.prompt for p in rows])
     train = _prompt_scenes(split.train_images, split.train_labels, prompts, per_prompt, seed + 11)
     row.update(fd=judge.fd(train), fd_pca=judge.fd_pca(train))
+    fd_single, seed_div = {}, {}
+    for k, p in enumerate(prompts):
+        if p.kind == "single":
+            real_p = judge.single_reference(p.allowed)
+            seed_div[p.prompt] = None if real_p is None else pairwise_rms(_unit(_pixels(real_p)))
+            fd_single[p.prompt] = judge.fd_single(train[k * per_prompt : (k + 1) * per_prompt], p.allowed)
+    for key, per in (("seed_diversity", seed_div), ("fd_single", fd_single)):
+        row[key], row[key + "_per_prompt"] = (mean_known(per), per) if per else (None, None)
     return row
