@@ -144,6 +144,9 @@ class TrainSpec(_Strict):
     log_with: Literal["none", "tensorboard"] = Field(
         "none", description="also write the metrics as tensorboard events to RUN/tensorboard (needs tensorboard)"
     )
+    diag_every: int | None = Field(
+        None, gt=0, description="every N steps: the critic lag (diag/critic_lag in metrics.jsonl; apex objectives)"
+    )
     sample_every: int | None = Field(
         None, gt=0, description="every N steps: 1-step samples of the current model to RUN/samples/step-N.png"
     )
@@ -241,6 +244,15 @@ class Recipe(_Strict):
                 "hardware.strategy = 'fsdp' would have to shard; use model.lora (base = adapters off), strategy "
                 "'ddp', or another method.reference",
             )
+        if m.objective == "apex_full" and not m.full_batch:
+            groups = sum(1 for share in m.groups if share > 0)
+            if self.train.micro_batch < groups:
+                raise Refused(
+                    "train.micro_batch",
+                    f"train.micro_batch = {self.train.micro_batch}: method.objective = 'apex_full' splits each "
+                    f"micro-batch into {groups} row groups (method.groups), so it needs at least {groups} rows; "
+                    "raise train.micro_batch or set method.full_batch = true",
+                )
         if getattr(m, "target_time", "none") == "embed" and fsdp:
             raise Refused(
                 "method.target_time",

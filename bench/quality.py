@@ -58,6 +58,7 @@ class Row:
     length: int = 1  # × the training budget
     teacher: tuple[tuple[int, str, float], ...] = ()  # teacher rows: (steps, method, guidance) per evaluation
     note: str = ""
+    base: str = "student"  # the recipe the overrides apply to: the setting's student recipe, or a named variant
 
     @property
     def trains(self) -> bool:
@@ -82,6 +83,39 @@ def _shift_rows() -> list[Row]:
             sets = (("method.shift.site", "embeddings"), ("method.shift.a", a), ("method.shift.b", b))
             rows.append(Row(f"apex shift@embeddings a={a:g} b={b:g}", "apex ablation", sets))
     return rows
+
+
+def _released_rows() -> list[Row]:
+    """Issue 14's study: the released objective (stock module and with the target-time input), each stabiliser
+    on the default, the separate critic at 1:1 and at 1:5, and TwinFlow's MNIST tutorial setting."""
+    full = (("method.objective", "apex_full"),)
+    sep = (("method.objective", "apex"), ("method.critic", "separate"))
+    g = "released objective"
+    return [
+        Row("apex_full", g, full, steps=(1, 2, 4), note="stock module (no target-time input)"),
+        Row("apex_full target-time input", g, (*full, ("method.target_time", "embed")), steps=(1, 2, 4)),
+        Row("apex_full + EMA target (warm-up)", g, (*full, ("method.target_reference", "ema"),
+                                                     ("train.ema_warmup", True))),  # fmt: skip
+        Row("apex_full + critic 5:1", g, (*full, ("method.critic_updates", 5)), note="two time scales, self-critic"),
+        Row("apex_full + enhanced target r=1", g, (*full, ("method.enhance_ratio", 1.0),
+                                                    ("method.reference_guidance", 1.0))),  # fmt: skip
+        Row("apex_full full batch", g, (*full, ("method.full_batch", True)), note="every group on every row"),
+        Row("apex_full order 1", g, (*full, ("method.estimate_order", 1))),
+        Row("apex_full l2 rows (no Barron)", g, (*full, ("method.loss", "l2"))),
+        Row("apex_full without time weighting", g, (*full, ("method.time_weighting", False))),
+        Row("apex_full without RCGM (order 0)", g, (*full, ("method.estimate_order", 0))),
+        Row("apex separate critic 1:1", g, sep, base="apex", note="DMD2-style second network"),
+        Row("apex separate critic 5:1", g, (*sep, ("method.critic_updates", 5)), base="apex", note="DMD2's ratio"),
+        Row("apex normalised Δ", g, (("method.normalize_delta", True),), base="apex", note="DMD2's gradient"),
+        Row(
+            "TwinFlow MNIST setting",
+            g,
+            (*full, ("method.full_batch", True), ("method.loss", "l2"), ("method.time_weighting", False),
+             ("method.enhance_ratio", 0.5), ("method.reference_guidance", 1.0), ("method.target_reference", "ema"),
+             ("train.ema_decay", 0.99), ("train.ema_warmup", True), ("train.lr", 2e-4), ("train.micro_batch", 128)),
+            note="all terms on the full batch, lr 2e-4, batch 128, EMA 0.99",
+        ),  # fmt: skip
+    ]
 
 
 def build_rows(teacher_guidance: float) -> list[Row]:
@@ -140,6 +174,10 @@ class Setting:
     lr: float | None = None  # bench learning rate (None: the student recipe's)
     rows: tuple[str, ...] | None = None  # the rows `--rows default` runs (None: every row) ...
     skip: str | None = None  # ... less those whose name starts with this
+    variants: tuple[tuple[str, str], ...] = ()  # Row.base → recipe (e.g. the previous default objective's)
+
+    def recipe_for(self, row: Row) -> str:
+        return self.student_recipe if row.base == "student" else dict(self.variants)[row.base]
 
 
 SETTINGS = {
@@ -297,7 +335,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from apexctl.training.loop import train
 
     setting = SETTINGS[job.setting]
-    recipe = load_recipe(ROOT / setting.student_recipe, list(job.overrides))
+    recipe = load_recipe(ROOT / setting.recipe_for(job.row), list(job.overrides))
     ev = EVALUATORS[job.setting](recipe, job.per_prompt)
     record: dict[str, Any] = {"key": job.key, "row": job.row.name, "group": job.row.group, "seed": job.seed}
     t0 = time.perf_counter()
@@ -386,7 +424,7 @@ def make_jobs(
                 base["train.lr"] = args.lr or setting.lr
             sets = {**base, **dict(row.sets)}
             overrides = tuple(f"{k}={_fmt_value(v)}" for k, v in sets.items())
-            load_recipe(ROOT / setting.student_recipe, list(overrides))  # a bad row fails now, not after an hour
+            load_recipe(ROOT / setting.recipe_for(row), list(overrides))  # a bad row fails now, not after an hour
             jobs.append(Job(setting.name, row, seed, overrides, str(work), per_prompt, args.threads))
     return jobs
 

@@ -10,7 +10,11 @@ grows with the objective (weights, gradients and optimizer state are the same fo
 
 The floors set by the passes each method needs (docs/design.md §5): ``apex`` = three branches with gradient (generator +
 flow-matching rows, shifted critic) and one without (reference) ≈ 3.3×; ``apex_paper`` = two with, one without
-≈ 2.3×; with ``reference_guidance > 1`` the reference runs on twice the rows.
+≈ 2.3×; with ``reference_guidance > 1`` the reference runs on twice the rows. ``apex_full`` (groups 1:1:1:1 of B
+rows, estimate order 2): one forward with gradient on B rows, and without gradient the adv rows' one-step samples
+(B/4), the RCGM rollouts of the e2e and any rows and of the mul rows whose gap exceeds dt (2 × ≈ B/2) and the
+rectify pair on the e2e rows (2 × B/4): ≈ 1 + 1.75/3 ≈ 1.6× flow matching's passes; ``full_batch`` multiplies
+every row count by 4 (≈ 6.3×); the enhanced target adds 2 × B/2 rows.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from apexctl.engine.objectives import (  # noqa: E402
     apex_paper,
     flow_matching,
 )
+from apexctl.engine.apex_full import apex_full  # noqa: E402
+from apexctl.engine.config import ApexFullConfig  # noqa: E402
 from apexctl.engine.shift import ConditionShift  # noqa: E402
+from apexctl.engine.target_time import TargetTimeEmbedding  # noqa: E402
 from apexctl.models import load_backbone, resolve_model_path  # noqa: E402
 
 #: name → (model, image size, batch)
@@ -67,11 +74,17 @@ def measure(config: str, iters: int, repeats: int) -> dict[str, dict[str, float]
     bb.transformer.requires_grad_(True).train()
     opt = torch.optim.AdamW(bb.transformer.parameters(), lr=1e-5)
     net = Net(bb, ConditionShift())
+    tt_net = Net(bb, ConditionShift(), TargetTimeEmbedding(bb.time_embedding_dim()))
+    full = ApexFullConfig()
     objectives = {
         "flow_matching": lambda: flow_matching(net, x, cond, FlowMatchingConfig()),
         "apex": lambda: apex(net, x, cond, ApexConfig()),
         "apex (guided ref)": lambda: apex(net, x, cond, ApexConfig(reference_guidance=2.0), uncond=uncond),
         "apex_paper": lambda: apex_paper(net, x, cond, ApexPaperConfig()),
+        "apex_full": lambda: apex_full(net, x, cond, full),
+        "apex_full (tt embed)": lambda: apex_full(tt_net, x, cond, full),
+        "apex_full (enhanced)": lambda: apex_full(net, x, cond, ApexFullConfig(enhance_ratio=1.0), uncond=uncond),
+        "apex_full (full batch)": lambda: apex_full(net, x, cond, ApexFullConfig(full_batch=True)),
     }
 
     def step(fn) -> None:
@@ -97,14 +110,14 @@ def measure(config: str, iters: int, repeats: int) -> dict[str, dict[str, float]
     base_t, base_m = statistics.median(times["flow_matching"]), mem["flow_matching"]
     print(f"\n{config}: model {model}, {size}×{size}, batch {batch}, threads {torch.get_num_threads()}, "
           f"median of {repeats}×{iters} steps")  # fmt: skip
-    print(f"{'objective':<18} {'ms/step':>8} {'× FM':>6} {'spread ms':>13} {'act. MiB':>9} {'× FM':>6}")
+    print(f"{'objective':<24} {'ms/step':>8} {'× FM':>6} {'spread ms':>13} {'act. MiB':>9} {'× FM':>6}")
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         rows[name] = {"ms": med * 1e3, "time_ratio": med / base_t, "act_mib": mem[name] / 2**20,
                       "mem_ratio": mem[name] / base_m}  # fmt: skip
         spread = f"{min(ts) * 1e3:.0f}–{max(ts) * 1e3:.0f}"
-        print(f"{name:<18} {med * 1e3:8.1f} {med / base_t:6.2f} {spread:>13} {mem[name] / 2**20:9.1f} "
+        print(f"{name:<24} {med * 1e3:8.1f} {med / base_t:6.2f} {spread:>13} {mem[name] / 2**20:9.1f} "
               f"{mem[name] / base_m:6.2f}")  # fmt: skip
     return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -515,3 +516,20 @@ def test_target_time_run_resumes_and_exports_the_stock_module(work):
     exported = load_backbone(str(full / "model"))  # a stock folder: no embedder keys
     keys = load_file(str(full / "model" / "transformer" / "diffusion_pytorch_model.safetensors")).keys()
     assert not any("fc1" in k or "target" in k for k in keys) and exported.family == "qwen_image"
+
+
+def test_critic_lag_is_logged_and_measures_the_moment_gap(work):
+    from apexctl.training.diagnostics import moment_gap
+
+    a = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    # means (1, 2) vs (1, 2) + (0, 1); stds (1, 1) vs (0, 0): √(((0 + 1) + (1 + 1))/2)
+    b = torch.tensor([[1.0, 3.0], [1.0, 3.0]])
+    assert moment_gap(a, b) == pytest.approx(math.sqrt(1.5))
+    assert moment_gap(a, a) == 0.0
+    for name, method in (("lag", {}), ("lag-sep", {"critic": "separate"})):
+        p = _recipe(work, name, method, train={"log_every": 3, "diag_every": 2})  # logged: 2, 3, 4
+        ok(["distill", str(p), "-q"])
+        rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [2, 3, 4]
+        lags = [r.get("diag/critic_lag") for r in rows]
+        assert lags[1] is None and lags[0] > 0 and lags[2] > 0, lags

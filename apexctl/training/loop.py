@@ -15,6 +15,7 @@ from apexctl.atomic import write_text
 from apexctl.errors import BadInput
 from apexctl.recipe import Recipe
 from apexctl.training import checkpoint as ckpt
+from apexctl.training.diagnostics import critic_lag
 from apexctl.training.grids import sample_grid
 from apexctl.training.hardware import check_world, gather, make_accelerator, stop_everywhere
 from apexctl.training.lock import RunLock
@@ -64,8 +65,12 @@ def _loop(sess: Session, clock: WallClock, *, until: int | None, quiet: bool) ->
             while counter.step < stop_at:
                 out = train_step(sess)
                 step = out.step
-                if step % tr.log_every == 0 or step == stop_at:
-                    log.write(log.record(out))
+                diag = tr.diag_every is not None and step % tr.diag_every == 0 and recipe.method.objective != "flow_matching"
+                if step % tr.log_every == 0 or step == stop_at or diag:
+                    rec = log.record(out)
+                    if diag:  # a row of its own when the step is not a logged one
+                        rec["diag/critic_lag"] = critic_lag(sess)
+                    log.write(rec)
                 if tr.sample_every is not None and (step % tr.sample_every == 0 or step == tr.steps):
                     sample_grid(sess, step)
                 desc = (

@@ -134,10 +134,11 @@ def setup(recipe: Recipe, acc) -> Session:
     net = Net(backbone, shift, tt_embed)
     adapters_off = partial(adapters_disabled, transformer)
     refs = {k: make_reference(k, backbone, transformer, net, ema, wrapped, base, adapters_off) for k in m.references}
+    critic_forward = make_critic_forward(backbone, critic, wrapped) if critic else None
     objective = build_objective(
         recipe,
         refs[m.reference],
-        make_critic_forward(backbone, critic, wrapped) if critic else None,
+        critic_forward,
         refs[m.target_reference] if m.objective == "apex_full" else None,
     )
 
@@ -182,6 +183,7 @@ def setup(recipe: Recipe, acc) -> Session:
         critic=critic,
         critic_params=[p for _, p in critic_named],
         aux_params=list(tt_embed.parameters()) if tt_embed is not None else [],
+        critic_forward=critic_forward,
     )
     if tr.sample_every is not None:
         sess.sample_rows = sample_rows(tr.sample_prompts, cache)

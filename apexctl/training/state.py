@@ -61,6 +61,7 @@ class Session:
     critic: torch.nn.Module | None = None  # method.critic: separate (outside DDP: gradients averaged by hand)
     critic_params: list[torch.nn.Parameter] = field(default_factory=list)
     aux_params: list[torch.nn.Parameter] = field(default_factory=list)  # apex_full's target-time embedder
+    critic_forward: Any = None  # F_φ(u, s, c) of a separate critic (the critic-lag diagnostic samples with it)
 
     @property
     def world(self) -> int:
