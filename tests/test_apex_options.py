@@ -463,7 +463,10 @@ def test_two_time_scales_move_the_generator_every_nth_step_only(work):
         g0, c0 = gen(), crit()
         train_step(sess)
         moved.append(
-            (any(not torch.equal(a, b) for a, b in zip(g0, gen())), any(not torch.equal(a, b) for a, b in zip(c0, crit())))
+            (
+                any(not torch.equal(a, b) for a, b in zip(g0, gen())),
+                any(not torch.equal(a, b) for a, b in zip(c0, crit())),
+            )
         )
     # steps 1, 2: the critic alone; step 3: both
     assert moved == [(False, True), (False, True), (True, True)]
@@ -533,3 +536,9 @@ def test_critic_lag_is_logged_and_measures_the_moment_gap(work):
         assert [r["step"] for r in rows] == [2, 3, 4]
         lags = [r.get("diag/critic_lag") for r in rows]
         assert lags[1] is None and lags[0] > 0 and lags[2] > 0, lags
+    ok(["distill", str(_recipe(work, "lag-off", {}, train={"log_every": 3})), "-q"])
+    a, b = (
+        load_file(str(work / n / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+        for n in ("lag", "lag-off")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)  # measuring it does not change training

@@ -431,3 +431,30 @@ def test_lora_export_reloads_here_and_in_the_stock_pipeline(zoo, family, tmp_pat
     via_pipe = cls(pipe.transformer, pipe.scheduler, codec_config=dict(plain.codec_config))
     with torch.no_grad():
         torch.testing.assert_close(via_pipe.velocity(x, t, cond), v, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_target_time_input_is_the_stock_module_at_tt_zero(zoo, family):
+    """apex_full's target-time embedder: supported where the family has one time-embedding module (not SANA);
+    e(0) = 0 whatever its weights, so tt = 0 is the stock module exactly; tt > 0 changes the velocity."""
+    from apexctl.engine.objectives import Net
+    from apexctl.engine.shift import ConditionShift
+    from apexctl.engine.target_time import TargetTimeEmbedding
+    from apexctl.errors import BadInput
+
+    bb = zoo.backbone(family)
+    if family == "sana":
+        with pytest.raises(BadInput, match="not supported for the sana family"):
+            bb.time_embedding_site()
+        return
+    emb = TargetTimeEmbedding(bb.time_embedding_dim())
+    with torch.no_grad():
+        for p in emb.parameters():
+            p.normal_(0, 0.5)
+    net = Net(bb, ConditionShift(), emb)
+    cond = bb.encode_prompts(list(PROMPTS))
+    x, t = _x(bb, 3), torch.tensor([0.7, 0.4])
+    with torch.no_grad():
+        stock = bb.velocity(x, t, cond)
+        torch.testing.assert_close(net(x, t, cond, tt=torch.zeros(2)), stock, rtol=0, atol=0)
+        assert not torch.allclose(net(x, t, cond, tt=t), stock, atol=1e-5)
