@@ -112,7 +112,7 @@ def memory_lines(r: Recipe) -> list[str]:
     weights: frozen parameters in model.dtype; trained parameters in fp32 (full fine-tune: the whole denoiser,
     as the trainer keeps fp32 master weights) + fp32 gradients + optimizer states (AdamW: 2 × fp32; 8-bit:
     2 × 1 byte) + the EMA copy (fp32) when there is one. FSDP shards all of these over hardware.processes.
-    Activations (rough): micro_batch × 2 trained branches (apex) × tokens × hidden × blocks × bytes × k, with
+    Activations (rough): micro_batch × trained branches (apex 2, apex_full 1 or 4 with full_batch) × tokens × hidden × blocks × bytes × k, with
     k = 16 (every intermediate kept) or k = 2 (gradient checkpointing: block inputs + one block recomputed).
     """
     found = _transformer_config(r)
@@ -150,7 +150,8 @@ def memory_lines(r: Recipe) -> list[str]:
     hidden, blocks, px = _shape(config, folder)
     tokens = max(r.data.resolution // px, 1) ** 2 + 256  # image tokens + a typical prompt length
     act_bytes = 4 if h.precision == "fp32" or (h.precision == "auto" and h.device == "cpu") else 2
-    branches = 1 if r.method.objective == "flow_matching" else 2
+    m = r.method  # rows with gradient per example: apex 2 (generator + FM rows, critic), apex_full 1 (4: full_batch)
+    branches = {"flow_matching": 1, "apex_full": 4 if getattr(m, "full_batch", False) else 1}.get(m.objective, 2)
     k = 2 if h.gradient_checkpointing else 16
     acts = t.micro_batch * branches * tokens * hidden * blocks * act_bytes * k
     what = f"LoRA r={lora.rank}" if lora is not None else "full fine-tune"

@@ -14,8 +14,10 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from apexctl.errors import BadInput, read_text
 from apexctl.recipe_method import (
+    DEFAULT_OBJECTIVE,
     SECTIONS,
-    ApexMethod,  # noqa: F401  (re-exported: the method sections are part of the recipe)
+    ApexFullMethod,  # noqa: F401  (re-exported: the method sections are part of the recipe)
+    ApexMethod,  # noqa: F401
     ApexPaperMethod,  # noqa: F401
     FlowMatchingMethod,  # noqa: F401
     MethodSpec,
@@ -214,7 +216,7 @@ REFERENCE_EMA_DECAY = 0.99
 class Recipe(_Strict):
     model: ModelSpec
     data: DataSpec = DataSpec()
-    method: MethodSpec = Field(default_factory=ApexMethod)
+    method: MethodSpec = Field(default_factory=ApexFullMethod)
     train: TrainSpec = TrainSpec()
     hardware: HardwareSpec = HardwareSpec()
     sample: SampleSpec = SampleSpec()
@@ -403,7 +405,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise BadInput(f"{p}: a recipe must be a mapping of sections (model, data, method, train, ...)")
     method = tree.get("method")
     file_keys = set(method) if isinstance(method, dict) else set()
-    file_objective = method.get("objective", "apex") if isinstance(method, dict) else "apex"
+    file_objective = method.get("objective", DEFAULT_OBJECTIVE) if isinstance(method, dict) else DEFAULT_OBJECTIVE
     given: dict[str, str] = {}
     for item in overrides or []:
         key, value = parse_override(item)

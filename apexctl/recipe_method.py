@@ -1,7 +1,7 @@
 """The recipe's ``method`` section: one strict, typed section per objective, chosen by ``method.objective``.
 
 The YAML stays flat (``method: {objective: apex, fm_t_max: 0.9, ...}``); :data:`MethodSpec` is a pydantic union
-discriminated on ``objective`` (``apex`` when left out). Each section holds only its own objective's keys, takes
+discriminated on ``objective`` (``apex_full`` when left out). Each section holds only its own objective's keys, takes
 every knob default from that objective's engine dataclass (:mod:`apexctl.engine.config`, the one source of
 defaults) and builds the engine config directly (:meth:`ApexMethod.config` etc.).
 
@@ -228,7 +228,9 @@ class ApexFullMethod(_Strict):
     rectify_clip: float = Field(_FULL.rectify_clip, gt=0.0)
     reference_guidance: float = Field(_FULL.reference_guidance, ge=1.0, description="CFG of the real score in Δ")
     fake_time: Literal["shift", "signed"] = _FULL.fake_time
-    reference: _REFERENCES = Field("self", description="the real score F_R of the rectify term: self | ema | base")
+    reference: _REFERENCES = Field(
+        "base", description="the real score F_R of the rectify term: self | ema | base (the frozen teacher)"
+    )
     target_reference: _REFERENCES = Field(
         "self", description="F_T of the RCGM rollouts and the enhanced target: self | ema | base"
     )
@@ -236,7 +238,7 @@ class ApexFullMethod(_Strict):
         1, ge=1, description="two time scales: the adv rows train every step, the whole objective every N-th"
     )
     target_time: Literal["none", "embed"] = Field(
-        "none",
+        "embed",
         description="embed: a trained target-time embedder e(tt) (e(0) = 0) added to the time embedding in "
         "training; the export is the stock module (exact at tt = 0, how the one/few-step samplers call it)",
     )
@@ -262,6 +264,8 @@ class ApexFullMethod(_Strict):
 MethodSpec = Annotated[
     ApexMethod | ApexFullMethod | ApexPaperMethod | FlowMatchingMethod, Field(discriminator="objective")
 ]
+#: ``method.objective`` when a recipe leaves it out (the winner of docs/evidence.md §6)
+DEFAULT_OBJECTIVE = "apex_full"
 SECTIONS: dict[str, type[_Strict]] = {
     "apex": ApexMethod,
     "apex_full": ApexFullMethod,
@@ -306,14 +310,14 @@ def owners(key: str) -> list[str]:
 
 
 def flat_method(method: dict) -> dict:
-    """The ``method`` mapping of a recipe file, checked: ``objective`` filled in (``apex``), and a key of another
+    """The ``method`` mapping of a recipe file, checked: ``objective`` filled in (:data:`DEFAULT_OBJECTIVE`), and a key of another
     objective refused with one line naming the key and the objectives it belongs to.
 
     Legacy shim: an old ``RUN/recipe.yaml`` lists every objective's keys (:data:`FLAT_DEFAULTS`). A key of another
     objective is dropped when it holds the old default, or when the section lists every old key (a whole old dump:
     that run's trainer ignored the key, so dropping it loads the run as it was trained).
     """
-    objective = method.get("objective", "apex")
+    objective = method.get("objective", DEFAULT_OBJECTIVE)
     section = SECTIONS.get(objective) if isinstance(objective, str) else None
     if section is None:
         return method  # pydantic names the allowed objectives
@@ -336,7 +340,7 @@ def flat_method(method: dict) -> dict:
 def switch_objective(method: dict, file_keys: set[str], set_keys: set[str]) -> None:
     """``--set method.objective=X`` replaced the file's objective: drop the file's keys that X has not (they were
     the old objective's settings). Keys given with ``--set`` stay, and are checked like any other."""
-    objective = method.get("objective", "apex")
+    objective = method.get("objective", DEFAULT_OBJECTIVE)
     section = SECTIONS.get(objective) if isinstance(objective, str) else None
     if section is None:  # an unknown objective: the union reports it
         return

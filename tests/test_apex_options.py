@@ -246,9 +246,19 @@ def test_separate_critic_gradients_by_hand():
 @pytest.mark.parametrize(
     ("method", "extra", "message"),
     [
-        ({"critic": "separate"}, {"hardware": {"strategy": "fsdp"}}, "method.critic = 'separate' is not supported"),
+        (
+            {"objective": "apex", "critic": "separate"},
+            {"hardware": {"strategy": "fsdp"}},
+            "method.critic = 'separate' is not supported",
+        ),
         ({"critic": "separate", "objective": "apex_paper"}, {}, "critic = 'separate' is a key of method"),
-        ({"critic": "separate", "shift": {"learnable": True}}, {}, "method.shift.learnable"),
+        ({"objective": "apex", "critic": "separate", "shift": {"learnable": True}}, {}, "method.shift.learnable"),
+        (
+            {"target_time": "embed"},
+            {"hardware": {"strategy": "fsdp"}, "model": {"path": "tiny:digits", "lora": {"rank": 2}}},
+            "method.target_time = 'embed'",
+        ),
+        ({"target_time": "none"}, {"train": {"micro_batch": 3}}, "train.micro_batch = 3"),
         ({"reference": "base"}, {"hardware": {"strategy": "fsdp"}}, "method.reference = 'base'"),
         ({"generator_steps": 0}, {}, "method.generator_steps = 0"),
         ({"generator_steps": 2, "objective": "flow_matching"}, {}, "generator_steps = 2 is a key of method"),
@@ -256,16 +266,23 @@ def test_separate_critic_gradients_by_hand():
 )
 def test_bad_combinations_are_refused(method, extra, message):
     with pytest.raises(BadInput, match=message.replace(".", r"\.")):
-        validate_recipe({"model": {"path": "tiny:digits"}, "method": method, **extra})
+        validate_recipe({"model": {"path": "tiny:digits"}, "method": method, **extra})  # the last "model" wins
 
 
 def test_good_combinations_validate():
     r = validate_recipe(
-        {"model": {"path": "tiny:digits"}, "method": {"reference": "base", "critic": "separate", "generator_steps": 3}}
+        {
+            "model": {"path": "tiny:digits"},
+            "method": {"objective": "apex", "reference": "base", "critic": "separate", "generator_steps": 3},
+        }
     )
     assert (r.method.reference, r.method.critic, r.method.generator_steps) == ("base", "separate", 3)
     lora = {"path": "tiny:digits", "lora": {"rank": 2}}
-    validate_recipe({"model": lora, "method": {"reference": "base"}, "hardware": {"strategy": "fsdp"}})
+    validate_recipe(
+        {"model": lora, "method": {"reference": "base", "target_time": "none"}, "hardware": {"strategy": "fsdp"}}
+    )
+    # apex_full splits micro-batches of 4 into its 4 groups; full_batch needs no minimum
+    validate_recipe({"model": {"path": "tiny:digits"}, "method": {"full_batch": True}, "train": {"micro_batch": 1}})
 
 
 # ---- the trainer: tiny digits model ---------------------------------------------------------------------------------

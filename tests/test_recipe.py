@@ -28,7 +28,7 @@ def test_shipped_recipes_validate():
 
 
 def test_set_overrides_are_typed(tmp_path):
-    p = _write(tmp_path, "model: {path: tiny:digits}\n")
+    p = _write(tmp_path, "model: {path: tiny:digits}\nmethod: {objective: apex}\n")
     r = load_recipe(p, ["train.steps=12", "method.shift.a=-0.5", "method.delta_clip=null", "train.betas=[0.8, 0.9]"])
     assert r.train.steps == 12 and r.method.shift.a == -0.5 and r.method.delta_clip is None
     assert r.train.betas == (0.8, 0.9)

@@ -97,7 +97,9 @@ def test_unknown_keys_name_the_keys_of_their_objective(tmp_path):
     p = _write(tmp_path, {"model": MODEL, "method": {"shift": {"aa": 1}}})
     _one_line_error(_dry_run(p), "unknown key 'method.shift.aa'; allowed here: a, b, mode")
     p = _write(tmp_path, {"model": MODEL, "method": {"objective": "dmd"}})
-    _one_line_error(_dry_run(p), "method.objective = 'dmd': expected 'apex', 'apex_full', 'apex_paper' or 'flow_matching'")
+    _one_line_error(
+        _dry_run(p), "method.objective = 'dmd': expected 'apex', 'apex_full', 'apex_paper' or 'flow_matching'"
+    )
 
 
 # ---- old RUN/recipe.yaml files ----------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ def test_old_dumped_recipes_still_load():
     """Verbatim ``Recipe.dump()`` output of the pre-redesign tree (8fa59cf): every key of every objective."""
     apex = load_recipe(FIXTURES / "old_recipe_apex.yaml")  # recipes/digits.yaml, resolved
     assert isinstance(apex.method, ApexMethod) and apex.method.reference_guidance == 2.0
-    assert apex.method == load_recipe(ROOT / "recipes" / "digits.yaml").method
+    assert apex.method == load_recipe(ROOT / "recipes" / "digits_apex.yaml").method  # the previous default
     paper = load_recipe(FIXTURES / "old_recipe_apex_paper.yaml")
     assert isinstance(paper.method, ApexPaperMethod)
     assert (paper.method.mix_weight, paper.method.time.kind) == (2.0, "logit_normal")
@@ -182,7 +184,8 @@ def test_offload_needs_fsdp(tmp_path):
     p = _write(tmp_path, {"model": MODEL, "hardware": {"offload": True}})
     _one_line_error(_dry_run(p), "hardware.offload = true", "hardware.strategy = 'auto'", "fsdp")
     _one_line_error(_dry_run(_write(tmp_path, {"model": MODEL}, "ok.yaml"), "hardware.offload=true"), "--set")
-    ok = {"model": MODEL, "hardware": {"offload": True, "strategy": "fsdp", "processes": 2}}
+    ok = {"model": {**MODEL, "lora": {"rank": 2}}, "method": {"target_time": "none"}}
+    ok["hardware"] = {"offload": True, "strategy": "fsdp", "processes": 2}
     assert validate_recipe(ok).hardware.offload
 
 
@@ -192,7 +195,9 @@ def test_a_shift_with_a_separate_critic_is_refused(tmp_path, key, value):
     p = _write(tmp_path, {"model": MODEL, "method": method})
     _one_line_error(_dry_run(p), f"method.shift.{key} = {value!r}", "method.critic = 'separate'")
     # the default shift (what every old dump lists) is fine
-    assert validate_recipe({"model": MODEL, "method": {"critic": "separate", "shift": {"a": -1.0, "b": 0.0}}})
+    assert validate_recipe(
+        {"model": MODEL, "method": {"objective": "apex", "critic": "separate", "shift": {"a": -1.0, "b": 0.0}}}
+    )
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,8 @@ def test_every_shipped_recipe_is_listed_here():
         "digits_teacher.yaml",
         "scenes.yaml",
         "scenes_teacher.yaml",
+        "digits_apex.yaml",  # the previous default objective, kept for the comparison
+        "scenes_apex.yaml",
     }
     assert shipped == set(PAPER)
 
@@ -59,7 +61,13 @@ def test_paper_recipe_settings_and_dry_run(name):
     if r.model.lora:
         assert r.model.lora.alpha == rank  # α = r: scale 1, as the released configs
     assert r.train.global_batch == global_batch and r.train.lr == lr and r.train.steps == steps
-    assert r.method.objective == "apex" and (r.method.shift.a, r.method.shift.b) == (-1.0, 0.0)
+    assert r.method.objective == "apex_full" and (r.method.shift.a, r.method.shift.b) == (-1.0, 0.0)
+    # the digits winner where the family and strategy allow it: the frozen teacher as the real score, the
+    # target-time input (not SANA, not FSDP)
+    fsdp = r.hardware.strategy == "fsdp"
+    assert r.method.reference == ("self" if fsdp and not r.model.lora else "base")
+    assert r.method.target_time == ("none" if family == "sana" or fsdp else "embed")
+    assert r.train.micro_batch >= 4  # the four row groups
     res = runner.invoke(app, ["distill", str(RECIPES / name), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert f"= {global_batch} global" in res.output and r.model.path in res.output
@@ -121,9 +129,9 @@ def test_qwen_lora_recipe_end_to_end_on_the_tiny_build(tmp_path, monkeypatch):
         "data.resolution=32",
         "data.synthesize.steps=4",
         "train.steps=2",
-        "train.micro_batch=2",
+        "train.micro_batch=4",  # apex_full: one row per group
         "train.grad_accum=1",
-        "train.global_batch=2",
+        "train.global_batch=4",
         "hardware.device=cpu",
         "hardware.precision=fp32",
         f"output.dir={tmp_path / 'run'}",

@@ -208,7 +208,7 @@ def test_dry_run_memory_figures_match_the_hand_computed_bytes(tmp_path, case):
     frozen, trained, shards, act_bytes, k, opt = 0, total, 1, 2, 16, 8
     ema = 0
     sections["train"] |= {"ema_decay": None}
-    sections["method"] = {"reference": "self"}
+    sections["method"] = {"objective": "apex", "reference": "self"}  # its 2 trained branches
     if case == "full-fp32-ema":
         sections["train"]["ema_decay"] = 0.9
         ema = 4 * total

@@ -1,0 +1,119 @@
+"""One-seed screening of method variants on the digits, at the demo's budget: train, sample 1/2/4 steps, score.
+
+    .venv/bin/python bench/screen.py NAME STEPS [KEY=VALUE ...]        # e.g. base_tt 2000 method.target_time=embed
+    .venv/bin/python bench/screen.py teacher 1                         # the teacher rows (50 steps CFG 2, 1 step)
+
+Each run starts from ``recipes/digits.yaml`` with the ``--set``-style overrides, trains ``STEPS`` steps (2 threads),
+then samples 60 seeds of each of the 15 eval prompts (image k of every prompt: noise seed k, the same for every
+run) and scores them with the digits judge: FD, multi-mode coverage, alignment (single / multi prompts) and the
+seed diversity of the single-digit prompts. One line per run is appended to ``--out`` (default
+``bench/results/screen_digits.jsonl``); a name already there is skipped. ``bench/quality.py`` is the full,
+3-seed study; this is what chose which of its rows to run (docs/evidence.md §6). Needs the digits teacher
+(``make demo`` trains it) and its cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+PER_PROMPT = 60
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", nargs="?", help="run name (omit with --table)")
+    ap.add_argument("steps", type=int, nargs="?", default=2000)
+    ap.add_argument("sets", nargs="*", help="recipe overrides KEY=VALUE")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "screen_digits.jsonl"))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "screen"))
+    ap.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.table:
+        print(table([json.loads(x) for x in out.read_text().splitlines() if x.strip()]))
+        return 0
+    if args.name is None:
+        ap.error("NAME is required (or --table)")
+    if out.is_file() and any(json.loads(x)["name"] == args.name for x in out.read_text().splitlines() if x.strip()):
+        print(f"{args.name}: already in {out}")
+        return 0
+
+    import torch
+
+    from apexctl.data.digits import eval_prompts, load_split
+    from apexctl.eval.toy.digits import DigitsJudge
+    from apexctl.inference import ModelInfo, generate_images, load_trained, resolve_sample_settings
+    from apexctl.models import load_for_recipe, resolve_model_path
+    from apexctl.recipe import load_recipe
+    from apexctl.training.loop import train
+
+    torch.set_num_threads(2)
+    run = Path(args.work) / args.name
+    recipe = load_recipe(
+        ROOT / "recipes" / "digits.yaml",
+        [f"output.dir={run}", f"train.steps={args.steps}", f"model.path={ROOT / 'runs/digits-teacher/model'}",
+         f"data.cache_dir={ROOT / 'cache/digits'}", "train.checkpoint_every=100000", *args.sets],
+    )  # fmt: skip
+    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
+    judge = DigitsJudge.fit(split, seed=0)
+    prompts = eval_prompts()
+    texts = [p.prompt for p in prompts for _ in range(PER_PROMPT)]
+    allowed = [p.allowed for p in prompts for _ in range(PER_PROMPT)]
+    kinds = [p.kind for p in prompts for _ in range(PER_PROMPT)]
+    seeds = [k for _ in prompts for k in range(PER_PROMPT)]
+    t0 = time.perf_counter()
+    if args.name.startswith("teacher"):
+        model, info = load_for_recipe(recipe.model, resolve_model_path(recipe.model.path)), ModelInfo()
+        plan = [(50, "euler", 2.0), (1, "one", 1.0)]
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        train(recipe, quiet=True)
+        model, info = load_trained(recipe), ModelInfo(distilled=True)
+        plan = [(1, None, None), (2, None, None), (4, None, None)]
+    res: dict = {"name": args.name, "steps": args.steps, "sets": args.sets, "train_s": round(time.perf_counter() - t0, 1)}
+    for k, method, guidance in plan:
+        s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, batch=256)
+        sc = judge.score(generate_images(model, texts, seeds, quiet=True, **s.sampler_kwargs()), allowed, kinds, texts)
+        res[str(k)] = {
+            "fd": round(sc["fd"], 2),
+            "cov": round(sc["multi_coverage"], 3),
+            "a_s": round(sc["alignment"]["single"], 3),
+            "a_m": round(sc["alignment"]["multi"], 3),
+            "sdiv": round(sc["seed_diversity"], 3),
+            "fd_single": round(sc["fd_single"], 2),
+        }
+    print(json.dumps(res))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        f.write(json.dumps(res) + "\n")
+    return 0
+
+
+def table(records: list[dict]) -> str:
+    """One markdown row per (run, sampling steps): the run's overrides, then the scores."""
+    lines = [
+        "| run | overrides | steps | FD ↓ | coverage ↑ | align single | align multi | seed diversity ↑ | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        sets = " ".join(x.removeprefix("method.") for x in r["sets"] if x != "method.objective=apex_full") or "–"
+        for k in ("50", "1", "2", "4"):
+            if k in r:
+                e = r[k]
+                lines.append(
+                    f"| {r['name']} | {sets} | {k} | {e['fd']:.2f} | {e['cov']:.2f} | {e['a_s']:.3f} | {e['a_m']:.3f} "
+                    f"| {e['sdiv']:.3f} | {r['train_s']:.0f} |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
