@@ -110,10 +110,21 @@ def _released_rows() -> list[Row]:
         Row(
             "TwinFlow MNIST setting",
             g,
-            (("method.full_batch", True), ("method.loss", "l2"), ("method.time_weighting", False),
-             ("method.rectify_weight", 1.0), ("method.reference", "self"), ("method.target_time", "none"),
-             ("method.enhance_ratio", 0.5), ("method.reference_guidance", 1.0), ("method.target_reference", "ema"),
-             ("train.ema_decay", 0.99), ("train.ema_warmup", True), ("train.lr", 2e-4), ("train.micro_batch", 128)),
+            (
+                ("method.full_batch", True),
+                ("method.loss", "l2"),
+                ("method.time_weighting", False),
+                ("method.rectify_weight", 1.0),
+                ("method.reference", "self"),
+                ("method.target_time", "none"),
+                ("method.enhance_ratio", 0.5),
+                ("method.reference_guidance", 1.0),
+                ("method.target_reference", "ema"),
+                ("train.ema_decay", 0.99),
+                ("train.ema_warmup", True),
+                ("train.lr", 2e-4),
+                ("train.micro_batch", 128),
+            ),
             note="all terms on the full batch, plain L2, lr 2e-4, batch 128, EMA 0.99",
         ),  # fmt: skip
     ]

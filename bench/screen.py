@@ -78,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         train(recipe, quiet=True)
         model, info = load_trained(recipe), ModelInfo(distilled=True)
         plan = [(1, None, None), (2, None, None), (4, None, None)]
-    res: dict = {"name": args.name, "steps": args.steps, "sets": args.sets, "train_s": round(time.perf_counter() - t0, 1)}
+    res: dict = {
+        "name": args.name,
+        "steps": args.steps,
+        "sets": args.sets,
+        "train_s": round(time.perf_counter() - t0, 1),
+    }
     for k, method, guidance in plan:
         s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, batch=256)
         sc = judge.score(generate_images(model, texts, seeds, quiet=True, **s.sampler_kwargs()), allowed, kinds, texts)

@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from apexctl.engine.apex_full import apex_full  # noqa: E402
+from apexctl.engine.config import ApexFullConfig  # noqa: E402
 from apexctl.engine.objectives import (  # noqa: E402
     ApexConfig,
     ApexPaperConfig,
@@ -37,8 +39,6 @@ from apexctl.engine.objectives import (  # noqa: E402
     apex_paper,
     flow_matching,
 )
-from apexctl.engine.apex_full import apex_full  # noqa: E402
-from apexctl.engine.config import ApexFullConfig  # noqa: E402
 from apexctl.engine.shift import ConditionShift  # noqa: E402
 from apexctl.engine.target_time import TargetTimeEmbedding  # noqa: E402
 from apexctl.models import load_backbone, resolve_model_path  # noqa: E402

@@ -284,5 +284,7 @@ def test_apex_critic_phase_trains_the_fake_branch_alone():
 def test_apex_full_critic_phase_makes_every_row_an_adv_row():
     net = Net(PointFlow(0.4, k=0.0), ConditionShift(a=-1.0))
     x = torch.full((8, 1, 2, 2), 0.4)
-    out = apex_full(net, x, _cond([1.0] * 8), ApexFullConfig(), generator=torch.Generator().manual_seed(0), phase="critic")
+    out = apex_full(
+        net, x, _cond([1.0] * 8), ApexFullConfig(), generator=torch.Generator().manual_seed(0), phase="critic"
+    )
     assert set(out.terms) == {"adv"}

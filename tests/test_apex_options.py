@@ -481,8 +481,8 @@ def test_two_time_scales_move_the_generator_every_nth_step_only(work):
         train_step(sess)
         moved.append(
             (
-                any(not torch.equal(a, b) for a, b in zip(g0, gen())),
-                any(not torch.equal(a, b) for a, b in zip(c0, crit())),
+                any(not torch.equal(a, b) for a, b in zip(g0, gen(), strict=True)),
+                any(not torch.equal(a, b) for a, b in zip(c0, crit(), strict=True)),
             )
         )
     # steps 1, 2: the critic alone; step 3: both

@@ -39,7 +39,11 @@ def test_set_overrides_are_typed(tmp_path):
     [
         ("model: {path: x}\ntrain: {stepz: 3}\n", [], "unknown key 'train.stepz'; allowed here: steps"),
         ("model: {path: x}\n", ["train.steps=many"], "train.steps = 'many'"),
-        ("model: {path: x}\nmethod: {objective: dmd}\n", [], "expected 'apex', 'apex_full', 'apex_paper' or 'flow_matching'"),
+        (
+            "model: {path: x}\nmethod: {objective: dmd}\n",
+            [],
+            "expected 'apex', 'apex_full', 'apex_paper' or 'flow_matching'",
+        ),
         ("model: {path: x}\ntrain: {lr: -1}\n", [], "train.lr = -1"),
         ("model: {path: x}\ndata: {cond_dropout: 1.5}\n", [], "data.cond_dropout = 1.5"),
         (

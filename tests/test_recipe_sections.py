@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from apexctl.cli import app
 from apexctl.engine.config import ApexConfig, ApexFullConfig, ApexPaperConfig, FlowMatchingConfig
-from apexctl.recipe_method import ApexFullMethod
 from apexctl.errors import BadInput
 from apexctl.recipe import (
     ApexMethod,
@@ -24,6 +23,7 @@ from apexctl.recipe import (
     load_recipe,
     validate_recipe,
 )
+from apexctl.recipe_method import ApexFullMethod
 from apexctl.training.objectives import build_objective
 
 runner = CliRunner()

@@ -65,7 +65,11 @@ def _loop(sess: Session, clock: WallClock, *, until: int | None, quiet: bool) ->
             while counter.step < stop_at:
                 out = train_step(sess)
                 step = out.step
-                diag = tr.diag_every is not None and step % tr.diag_every == 0 and recipe.method.objective != "flow_matching"
+                diag = (
+                    tr.diag_every is not None
+                    and step % tr.diag_every == 0
+                    and recipe.method.objective != "flow_matching"
+                )
                 if step % tr.log_every == 0 or step == stop_at or diag:
                     rec = log.record(out)
                     if diag:  # a row of its own when the step is not a logged one
