@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
+    from quality import EVALUATORS  # bench/quality.py: the same prompts, judge and metrics as the full study
 
-    from apexctl.data.digits import eval_prompts, load_split
-    from apexctl.eval.toy.digits import DigitsJudge
     from apexctl.inference import ModelInfo, generate_images, load_trained, resolve_sample_settings
     from apexctl.models import load_for_recipe, resolve_model_path
     from apexctl.recipe import load_recipe
@@ -62,13 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         [f"output.dir={run}", f"train.steps={args.steps}", f"model.path={ROOT / 'runs/digits-teacher/model'}",
          f"data.cache_dir={ROOT / 'cache/digits'}", "train.checkpoint_every=100000", *args.sets],
     )  # fmt: skip
-    split = load_split(holdout=recipe.data.holdout, seed=recipe.data.seed)
-    judge = DigitsJudge.fit(split, seed=0)
-    prompts = eval_prompts()
-    texts = [p.prompt for p in prompts for _ in range(PER_PROMPT)]
-    allowed = [p.allowed for p in prompts for _ in range(PER_PROMPT)]
-    kinds = [p.kind for p in prompts for _ in range(PER_PROMPT)]
-    seeds = [k for _ in prompts for k in range(PER_PROMPT)]
+    ev = EVALUATORS["digits"](recipe, PER_PROMPT)
+    seeds = [k % PER_PROMPT for k in range(len(ev.texts))]  # image k of every prompt: noise seed k
     t0 = time.perf_counter()
     if args.name.startswith("teacher"):
         model, info = load_for_recipe(recipe.model, resolve_model_path(recipe.model.path)), ModelInfo()
@@ -86,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for k, method, guidance in plan:
         s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, batch=256)
-        sc = judge.score(generate_images(model, texts, seeds, quiet=True, **s.sampler_kwargs()), allowed, kinds, texts)
+        sc = ev.score(generate_images(model, ev.texts, seeds, quiet=True, **s.sampler_kwargs()))
         res[str(k)] = {
             "fd": round(sc["fd"], 2),
-            "cov": round(sc["multi_coverage"], 3),
-            "a_s": round(sc["alignment"]["single"], 3),
-            "a_m": round(sc["alignment"]["multi"], 3),
+            "cov": round(sc["coverage"], 3),
+            "a_s": round(sc["align_single"], 3),
+            "a_m": round(sc["align_multi"], 3),
             "sdiv": round(sc["seed_diversity"], 3),
             "fd_single": round(sc["fd_single"], 2),
         }

@@ -47,3 +47,36 @@ class LinearDenoiser(nn.Module):
 @pytest.fixture
 def linear_backbone() -> LinearDenoiser:
     return LinearDenoiser()
+
+
+@pytest.fixture(scope="session")
+def split():
+    """The default digits split (train / held-out test), shared by the toy-judge tests."""
+    from apexctl.data.digits import load_split
+
+    return load_split()
+
+
+@pytest.fixture(scope="session")
+def digits_judge(split):
+    from apexctl.eval.toy.digits import DigitsJudge
+
+    return DigitsJudge.fit(split, seed=0)
+
+
+@pytest.fixture(scope="session")
+def scene_judge(split):
+    """The scenes judge with a faster, slightly weaker slot classifier (60 iterations): enough for its tests."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from apexctl.eval.toy.scenes import SceneJudge
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr("apexctl.eval.toy.digits.MLP_MAX_ITER", 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        judge = SceneJudge.fit(split, seed=0)
+    mp.undo()
+    return judge

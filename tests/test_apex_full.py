@@ -93,9 +93,8 @@ def test_time_weight_by_hand():
 
 def test_group_masks_split_and_zero_share():
     m = group_masks(10, (1, 1, 1, 1))
-    assert [int(m[g].sum()) for g in ("e2e", "mul", "any", "adv")] == [2, 2, 3, 3] or sum(
-        int(v.sum()) for v in m.values()
-    ) == 10
+    # round(2.5) = 2 for the first three shares; the last group takes the rest
+    assert [int(m[g].sum()) for g in ("e2e", "mul", "any", "adv")] == [2, 2, 2, 4]
     assert torch.stack(list(m.values())).sum(0).eq(1).all()  # each row in exactly one group
     m = group_masks(64, (1, 1, 1, 0))
     assert not m["adv"].any() and int(m["any"].sum()) == 22 and int(m["e2e"].sum()) == 21

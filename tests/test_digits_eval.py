@@ -17,18 +17,13 @@ from apexctl.data.digits import (
     training_pairs,
 )
 from apexctl.errors import BadInput
-from apexctl.eval.toy.digits import DigitsJudge, format_table, real_reference
+from apexctl.eval.toy.digits import format_table, real_reference
 from apexctl.images import PAD, make_grid, save_grid, save_png, to_uint8
 
 
 @pytest.fixture(scope="module")
-def split():
-    return load_split()
-
-
-@pytest.fixture(scope="module")
-def judge(split):
-    return DigitsJudge.fit(split, seed=0)
+def judge(digits_judge):  # split and digits_judge: tests/conftest.py
+    return digits_judge
 
 
 @pytest.fixture(scope="module")

@@ -33,24 +33,9 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def split():
-    return load_split()
-
-
-@pytest.fixture(scope="module")
-def judge(split):
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr("apexctl.eval.toy.digits.MLP_MAX_ITER", 60)  # a faster, slightly weaker classifier is enough here
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        judge = SceneJudge.fit(split, seed=0)
-    mp.undo()
-    assert judge.test_accuracy > 0.95
-    return judge
+def judge(scene_judge):  # split and scene_judge (60-iteration slot classifier): tests/conftest.py
+    assert scene_judge.test_accuracy > 0.95
+    return scene_judge
 
 
 def _real(split, rule: S.SceneRule, n: int = 40, seed: int = 5) -> S.SceneSet:
@@ -249,8 +234,6 @@ def test_faint_background_speckle_is_not_a_digit():
     """A 1-step student left mid-dark speckle (mean ink ≈ 0.1, nothing above mid-grey) in empty quadrants; only
     ink pixels count as a digit."""
     from apexctl.data import scenes as S
-    from apexctl.data.digits import load_split
-    from apexctl.eval.toy.scenes import SceneJudge
 
     split = load_split()
     prompt = S.eval_prompts()[0]

@@ -7,7 +7,6 @@ import importlib.util
 import itertools
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,9 @@ import pytest
 import torch
 
 from apexctl.data import scenes as S
-from apexctl.data.digits import MULTI_PROMPTS, eval_prompts, load_split, single_prompt
+from apexctl.data.digits import MULTI_PROMPTS, eval_prompts, single_prompt
 from apexctl.errors import BadInput
 from apexctl.eval.toy.digits import (
-    DigitsJudge,
     _gaussian,
     format_table,
     frechet_distance,
@@ -30,28 +28,8 @@ P3, P7, P0 = single_prompt(3), single_prompt(7), single_prompt(0)
 
 
 @pytest.fixture(scope="module")
-def split():
-    return load_split()
-
-
-@pytest.fixture(scope="module")
-def judge(split):
-    return DigitsJudge.fit(split, seed=0)
-
-
-@pytest.fixture(scope="module")
-def scene_judge(split):
-    from sklearn.exceptions import ConvergenceWarning
-
-    from apexctl.eval.toy.scenes import SceneJudge
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr("apexctl.eval.toy.digits.MLP_MAX_ITER", 60)  # a faster, slightly weaker classifier is enough here
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        j = SceneJudge.fit(split, seed=0)
-    mp.undo()
-    return j
+def judge(digits_judge):  # split, digits_judge and scene_judge: tests/conftest.py
+    return digits_judge
 
 
 def _of_class(split, k: int, n: int, seed: int = 0, train: bool = True) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from apexctl.engine.cond import Cond
 from apexctl.engine.config import ApexFullConfig
 from apexctl.engine.flow import endpoint, interpolate, mse_per_row, velocity_target
-from apexctl.engine.objectives import LossOut, Net, Reference
+from apexctl.engine.objectives import LossOut, Net, Reference, guided_reference
 from apexctl.engine.rcgm import GROUPS, barron_rows, group_masks, rcgm_target, time_weight
 
 
@@ -22,18 +22,6 @@ def _row_loss(cfg: ApexFullConfig, pred: torch.Tensor, target: torch.Tensor) -> 
     if cfg.loss == "barron":
         return barron_rows(pred, target, cfg.barron_alpha, cfg.barron_c)
     return mse_per_row(pred, target)
-
-
-def _guided(ref: Reference, net: Net, u, s, cond: Cond, uncond: Cond | None, scale: float, at) -> torch.Tensor:
-    """ref(u, s, c), or with scale > 1 the family's CFG of ref(u, s, c) and ref(u, s, ∅) (instantaneous: tt = s)."""
-    if scale <= 1.0:
-        return ref(u, s, cond, **at(s))
-    if uncond is None:
-        raise ValueError("reference_guidance > 1 needs the unconditional rows (uncond)")
-    n = u.shape[0]
-    ss = torch.cat([s, s])
-    both = ref(torch.cat([u, u]), ss, Cond.cat([cond, uncond]), **at(ss))
-    return net.backbone.guidance_combine(both[:n], both[n:], scale)
 
 
 def apex_full(
@@ -154,8 +142,8 @@ def apex_full(
         with torch.no_grad():
             s_in = -s if cfg.fake_time == "signed" else s
             v_fake = net(u, s_in, cond[er], fake=torch.ones(k, dtype=torch.bool, device=dev), **at(s))
-            v_real = _guided(ref_r, net, u, s, cond[er], uncond[er] if uncond is not None else None,
-                             cfg.reference_guidance, at)  # fmt: skip
+            un = uncond[er] if uncond is not None else None
+            v_real = guided_reference(ref_r, net, u, s, cond[er], un, cfg.reference_guidance, **at(s))
             delta = (v_fake - v_real).to(x.dtype)
             clipped = delta.clamp(-cfg.rectify_clip, cfg.rectify_clip)
         loss_rect = _row_loss(cfg, f_e, (f_e - clipped).detach()).mean()

@@ -73,6 +73,23 @@ def _all(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, dtype=torch.bool, device=device)
 
 
+def guided_reference(
+    ref: Reference, net: Net, u: torch.Tensor, s: torch.Tensor, cond: Cond, uncond: Cond | None, scale: float, **kw
+) -> torch.Tensor:
+    """ref(u, s, c), or with ``scale`` > 1 the family's CFG of ref(u, s, c) and ref(u, s, ∅) (``uncond`` = ∅ rows)
+    in one batched call. ``kw`` (e.g. ``apex_full``'s target time) is passed on, duplicated for [c; ∅] when it is a
+    per-row tensor."""
+    if scale <= 1.0:
+        return ref(u, s, cond, **kw)
+    if uncond is None:
+        raise ValueError("reference_guidance > 1 needs the unconditional rows (uncond)")
+    n = u.shape[0]
+    both = ref(
+        torch.cat([u, u]), torch.cat([s, s]), Cond.cat([cond, uncond]), **{k: torch.cat([v, v]) for k, v in kw.items()}
+    )
+    return net.backbone.guidance_combine(both[:n], both[n:], scale)
+
+
 def flow_matching(
     net: Net, x: torch.Tensor, cond: Cond, cfg: FlowMatchingConfig, generator: torch.Generator | None = None
 ) -> LossOut:
@@ -180,13 +197,7 @@ def apex(
 
     with torch.no_grad():
         ref = reference if reference is not None else net
-        if cfg.reference_guidance > 1.0:
-            if uncond is None:
-                raise ValueError("reference_guidance > 1 needs the unconditional rows (uncond)")
-            both = ref(torch.cat([u, u]), torch.cat([s, s]), Cond.cat([cond, uncond]))
-            f_ref = net.backbone.guidance_combine(both[:B], both[B:], cfg.reference_guidance)
-        else:
-            f_ref = ref(u, s, cond)
+        f_ref = guided_reference(ref, net, u, s, cond, uncond, cfg.reference_guidance)
         delta = f_fake.detach() - f_ref
         if cfg.normalize_delta:
             sb = s.reshape(-1, *([1] * (x.dim() - 1)))

@@ -76,9 +76,15 @@ class Session:
         return self.acc.is_main_process
 
     @property
-    def trainable(self) -> list[torch.nn.Parameter]:
+    def generator_trainable(self) -> list[torch.nn.Parameter]:
+        """Every trained parameter but a separate critic's: the denoiser's, a learnable shift, the target-time
+        embedder."""
         shift = list(self.shift.parameters()) if self.shift.learnable else []
-        return self.params + shift + self.critic_params + self.aux_params
+        return self.params + shift + self.aux_params
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return self.generator_trainable + self.critic_params
 
     @property
     def unwrapped_trainable(self) -> list[torch.nn.Parameter]:

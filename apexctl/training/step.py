@@ -88,8 +88,7 @@ def train_step(sess: Session) -> StepOut:
         elif sess.critic_params and getattr(sess.recipe.method, "critic_max_grad_norm", None) is not None:
             # the separate critic has its own clip (DMD2); the logged norm is the generator's
             acc.clip_grad_norm_(sess.critic_params, sess.recipe.method.critic_max_grad_norm)
-            own = [p for p in trainable if not any(p is c for c in sess.critic_params)]
-            gnorm = float(acc.clip_grad_norm_(own, tr.max_grad_norm or float("inf")))
+            gnorm = float(acc.clip_grad_norm_(sess.generator_trainable, tr.max_grad_norm or float("inf")))
         elif tr.max_grad_norm is not None:
             gnorm = float(acc.clip_grad_norm_(trainable, tr.max_grad_norm))
         else:
