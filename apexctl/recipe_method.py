@@ -87,6 +87,32 @@ class _NoReference:
         return {"self"}
 
 
+class _Schedules(_Strict):
+    """Trainer-side stabilisers of the distillation objectives (``apex``, ``apex_full``), read by the step loop."""
+
+    warm_start_steps: int = Field(
+        0,
+        ge=0,
+        description="the first N steps regress the one-step map on the teacher's (noise, sample) pairs of a "
+        "synthesised cache: ‖F(z, 1, c) − (z − x)‖² (DMD2's regression warm start; needs recorded seeds)",
+    )
+    warm_start_cache: str | None = Field(
+        None, description="the synthesised cache of the warm start (default: data.cache_dir, which must have seeds)"
+    )
+    rectify_warmup: int = Field(
+        0,
+        ge=0,
+        description="critic warm-up: the generator's adversarial weight (rectify_weight) ramps linearly from 0 over "
+        "N steps after the warm start",
+    )
+
+    def rectify_scale(self, step: int) -> float:
+        """The ramp factor of the rectify weight at optimizer step ``step`` (0-based)."""
+        if self.rectify_warmup <= 0:
+            return 1.0
+        return min(1.0, max(0.0, (step - self.warm_start_steps) / self.rectify_warmup))
+
+
 class FlowMatchingMethod(_NoReference, _Strict):
     """``flow_matching`` (docs/design.md §5.4): L = ‖F(x_t, t, c) − (z − x)‖²."""
 
@@ -103,7 +129,7 @@ class FlowMatchingMethod(_NoReference, _Strict):
         return FlowMatchingConfig(time=self.time.sampler(_FM.time.t_max))
 
 
-class ApexMethod(_Strict):
+class ApexMethod(_Schedules):
     """``apex`` (docs/design.md §5.2): the shifted branch as the model's own critic."""
 
     objective: Literal["apex"] = "apex"
@@ -201,7 +227,7 @@ class ApexPaperMethod(_NoReference, _Strict):
 _REFERENCES = Literal["self", "ema", "base"]
 
 
-class ApexFullMethod(_Strict):
+class ApexFullMethod(_Schedules):
     """``apex_full`` (docs/design.md §5.6): the released objective (TwinFlow's groups, RCGM, Barron, time
     weighting) with the condition shift marking the fake branch."""
 

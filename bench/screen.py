@@ -1,15 +1,16 @@
-"""One-seed screening of method variants on the digits, at the demo's budget: train, sample 1/2/4 steps, score.
+"""One-seed screening of method variants at the demo's budget: train, sample 1/2/4 steps, score (digits or scenes).
 
     .venv/bin/python bench/screen.py NAME STEPS [KEY=VALUE ...]        # e.g. base_tt 2000 method.target_time=embed
     .venv/bin/python bench/screen.py teacher 1                         # the teacher rows (50 steps CFG 2, 1 step)
 
-Each run starts from ``recipes/digits.yaml`` with the ``--set``-style overrides, trains ``STEPS`` steps (2 threads),
-then samples 60 seeds of each of the 15 eval prompts (image k of every prompt: noise seed k, the same for every
+Each run starts from ``recipes/SETTING.yaml`` (or ``--recipe``) with the ``--set``-style overrides, trains ``STEPS`` steps (2 threads),
+then samples 60 seeds of each of the 15 eval prompts (1, 2 and 4 steps; ``2d``/``4d``: the few-step sampler
+re-noising with the model's own ẑ, ``sample.renoise: deterministic``) (image k of every prompt: noise seed k, the same for every
 run) and scores them with the digits judge: FD, multi-mode coverage, alignment (single / multi prompts) and the
 seed diversity of the single-digit prompts. One line per run is appended to ``--out`` (default
-``bench/results/screen_digits.jsonl``); a name already there is skipped. ``bench/quality.py`` is the full,
-3-seed study; this is what chose which of its rows to run (docs/evidence.md §6). Needs the digits teacher
-(``make demo`` trains it) and its cache.
+``bench/results/screen_SETTING.jsonl``); a name already there is skipped. ``bench/quality.py`` is the full,
+3-seed study; this is what chose which of its rows to run (docs/evidence.md §6). Needs the setting's teacher
+(``runs/SETTING-teacher/model``: ``make demo`` trains the digits one) and its cache (``cache/SETTING``).
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("name", nargs="?", help="run name (omit with --table)")
     ap.add_argument("steps", type=int, nargs="?", default=2000)
     ap.add_argument("sets", nargs="*", help="recipe overrides KEY=VALUE")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "screen_digits.jsonl"))
+    ap.add_argument("--setting", choices=("digits", "scenes"), default="digits")
+    ap.add_argument("--recipe", help="the recipe the overrides apply to (default: recipes/SETTING.yaml)")
+    ap.add_argument("--out", help="default: bench/results/screen_SETTING.jsonl")
     ap.add_argument("--work", default=str(ROOT / "runs" / "screen"))
     ap.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "bench" / "results" / f"screen_{args.setting}.jsonl")
     if args.table:
         print(table([json.loads(x) for x in out.read_text().splitlines() if x.strip()]))
         return 0
@@ -55,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     from apexctl.training.loop import train
 
     torch.set_num_threads(2)
-    run = Path(args.work) / args.name
+    run = Path(args.work) / args.setting / args.name
+    st = args.setting
     recipe = load_recipe(
-        ROOT / "recipes" / "digits.yaml",
-        [f"output.dir={run}", f"train.steps={args.steps}", f"model.path={ROOT / 'runs/digits-teacher/model'}",
-         f"data.cache_dir={ROOT / 'cache/digits'}", "train.checkpoint_every=100000", *args.sets],
+        Path(args.recipe) if args.recipe else ROOT / "recipes" / f"{st}.yaml",
+        [f"output.dir={run}", f"train.steps={args.steps}", f"model.path={ROOT / f'runs/{st}-teacher/model'}",
+         f"data.cache_dir={ROOT / f'cache/{st}'}", "train.checkpoint_every=100000", *args.sets],
     )  # fmt: skip
-    ev = EVALUATORS["digits"](recipe, PER_PROMPT)
+    ev = EVALUATORS[st](recipe, PER_PROMPT)
     seeds = [k % PER_PROMPT for k in range(len(ev.texts))]  # image k of every prompt: noise seed k
     t0 = time.perf_counter()
     if args.name.startswith("teacher"):
@@ -71,17 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run, ignore_errors=True)
         train(recipe, quiet=True)
         model, info = load_trained(recipe), ModelInfo(distilled=True)
-        plan = [(1, None, None), (2, None, None), (4, None, None)]
+        plan = [(1, None, None), (2, None, None), (4, None, None), ("2d", None, None), ("4d", None, None)]
     res: dict = {
         "name": args.name,
+        "recipe": Path(args.recipe).name if args.recipe else f"{st}.yaml",
         "steps": args.steps,
         "sets": args.sets,
         "train_s": round(time.perf_counter() - t0, 1),
     }
-    for k, method, guidance in plan:
-        s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, batch=256)
+    for key, method, guidance in plan:
+        k, renoise = (int(str(key)[:-1]), "deterministic") if str(key).endswith("d") else (int(key), None)
+        s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, renoise=renoise, batch=256)
         sc = ev.score(generate_images(model, ev.texts, seeds, quiet=True, **s.sampler_kwargs()))
-        res[str(k)] = {
+        res[str(key)] = {
             "fd": round(sc["fd"], 2),
             "cov": round(sc["coverage"], 3),
             "a_s": round(sc["align_single"], 3),
@@ -104,7 +110,7 @@ def table(records: list[dict]) -> str:
     ]
     for r in records:
         sets = " ".join(x.removeprefix("method.") for x in r["sets"] if x != "method.objective=apex_full") or "–"
-        for k in ("50", "1", "2", "4"):
+        for k in ("50", "1", "2", "4", "2d", "4d"):
             if k in r:
                 e = r[k]
                 lines.append(

@@ -48,8 +48,17 @@ def test_every_shipped_recipe_is_listed_here():
         "scenes_teacher.yaml",
         "digits_apex.yaml",  # the previous default objective, kept for the comparison
         "scenes_apex.yaml",
+        "digits_pairs.yaml",  # the digits teacher's (noise, sample) pairs for the regression warm start
     }
     assert shipped == set(PAPER)
+
+
+def test_digits_pairs_recipe_synthesises_every_digits_prompt():
+    from apexctl.data.digits import all_prompts
+
+    r = load_recipe(RECIPES / "digits_pairs.yaml")
+    assert r.data.source == "prompts" and r.data.synthesize is not None and r.data.synthesize.guidance == 2.0
+    assert (RECIPES.parent / r.data.path).read_text().splitlines() == all_prompts()
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

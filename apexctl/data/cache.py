@@ -210,18 +210,33 @@ class LatentCache:
 
     def pair_latents(self, pair_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
         """float32 latents of pairs that all share one bucket."""
+        return self._pair_rows(pair_idx, "latents").float()
+
+    @property
+    def has_seeds(self) -> bool:
+        """Every image has its recorded synthesis seed (``data.synthesize``: the teacher's noise is reproducible)."""
+        return bool(self._image_shards) and all(
+            any(k.startswith("seed.") for k in s.tensors) for s in self._image_shards
+        )
+
+    def pair_seeds(self, pair_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The synthesis seed (long) of each pair's image, pairs sharing one bucket (needs :attr:`has_seeds`)."""
+        return self._pair_rows(pair_idx, "seed")
+
+    def _pair_rows(self, pair_idx: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
+        """Rows of the image tensor ``kind.B`` (latents, seed) for pairs that all share one bucket B."""
         idx = torch.as_tensor(pair_idx, dtype=torch.long).reshape(-1)
         buckets = self.pair_bucket[idx].unique().tolist()
         if len(buckets) != 1:
             raise ValueError(f"a batch must come from one bucket, got buckets {buckets}")
-        name = f"latents.{buckets[0]}"
+        name = f"{kind}.{buckets[0]}"
         shard, row = self.pair_shard[idx], self.pair_row[idx]
         used = shard.unique().tolist()
         first = self._image_shards[used[0]][name]
-        out = torch.empty((len(idx), *first.shape[1:]), dtype=torch.float32)
+        out = torch.empty((len(idx), *first.shape[1:]), dtype=torch.float32 if kind == "latents" else first.dtype)
         for s in used:
             sel = (shard == s).nonzero().squeeze(1)
-            out[sel] = self._image_shards[s][name][row[sel]].float()
+            out[sel] = self._image_shards[s][name][row[sel]].to(out.dtype)
         return out
 
     def batch(

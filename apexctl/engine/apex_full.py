@@ -34,6 +34,7 @@ def apex_full(
     generator: torch.Generator | None = None,
     uncond: Cond | None = None,
     phase: str = "all",
+    rectify_scale: float = 1.0,
 ) -> LossOut:
     """One batch of the released objective. Rows are split into groups (``cfg.groups``; with ``full_batch``
     each group gets a copy of the whole batch), t ~ p(t), u ~ U(0, 1)::
@@ -59,6 +60,7 @@ def apex_full(
     rollouts and the enhanced target) and F_R (``reference``, the real score of Δ, CFG-guided with
     ``reference_guidance`` > 1) default to the live network without gradient. ``phase = "critic"`` (the extra
     critic steps of ``critic_updates`` > 1) makes every row an adv row: ``L = mean ℓ(F(x_t, t, c_fake), z − x̂)``.
+    ``rectify_scale`` multiplies dmc (the critic warm-up ramp of ``method.rectify_warmup``).
     """
     dev = x.device
     if phase == "critic":
@@ -147,7 +149,7 @@ def apex_full(
             delta = (v_fake - v_real).to(x.dtype)
             clipped = delta.clamp(-cfg.rectify_clip, cfg.rectify_clip)
         loss_rect = _row_loss(cfg, f_e, (f_e - clipped).detach()).mean()
-        loss = loss + cfg.rectify_weight * loss_rect
+        loss = loss + rectify_scale * cfg.rectify_weight * loss_rect
         terms["rect"] = loss_rect.detach()
         terms["delta_abs"] = delta.abs().mean()
     return LossOut(loss, terms)

@@ -100,6 +100,16 @@ def flow_matching(
     return LossOut(loss, {"fm": loss.detach()})
 
 
+def regression(net: Net, x: torch.Tensor, z: torch.Tensor, cond: Cond) -> LossOut:
+    """The regression warm start on the teacher's (noise, sample) pairs (DMD2's "regression loss pretraining")::
+
+        L = ‖F(z, 1, c) − (z − x)‖²      x = the teacher's multi-step sample from noise z
+
+    so the one-step map starts as the teacher's ODE map, tied to its noise, before the adversarial terms act."""
+    loss = _mse(net(z, torch.ones(z.shape[0], device=z.device, dtype=z.dtype), cond), velocity_target(x, z))
+    return LossOut(loss, {"warm": loss.detach()})
+
+
 def _generator_inputs(
     net: Net, z: torch.Tensor, cond: Cond, steps: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +142,7 @@ def apex(
     uncond: Cond | None = None,
     critic: Critic | None = None,
     phase: str = "all",
+    rectify_scale: float = 1.0,
 ) -> LossOut:
     """The shifted branch as the model's own critic::
 
@@ -171,6 +182,7 @@ def apex(
         Δ ← s·Δ / mean|u − s·F_ref(u, s, c) − sg(x̂)|       (per row, before the clamp)
 
     ``phase = "critic"`` (the critic-only steps of ``critic_updates`` > 1): the loss is λ_p·L_fake alone.
+    ``rectify_scale`` multiplies μ (the critic warm-up ramp of ``method.rectify_warmup``).
     """
     B, dev = x.shape[0], x.device
     z = torch.randn(x.shape, generator=generator).to(x)
@@ -208,7 +220,7 @@ def apex(
     step = delta / tau.reshape(-1, *([1] * (x.dim() - 1))) if few else delta  # x̂ moves by +Δ: F by −Δ/τ
     loss_rect = _mse(f_gen, (f_gen - step).detach())
 
-    loss = cfg.fm_weight * loss_fm + cfg.fake_weight * loss_fake + cfg.rectify_weight * loss_rect
+    loss = cfg.fm_weight * loss_fm + cfg.fake_weight * loss_fake + rectify_scale * cfg.rectify_weight * loss_rect
     if phase == "critic":
         loss = cfg.fake_weight * loss_fake
     return LossOut(

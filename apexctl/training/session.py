@@ -148,6 +148,18 @@ def setup(recipe: Recipe, acc) -> Session:
         m.objective == "apex_full" and m.enhance_ratio != 0.0
     )
     empty = cache.prompt_index("") if (recipe.data.cond_dropout > 0 or guided_ref) else None
+    warm = None
+    if getattr(m, "warm_start_steps", 0) > 0:  # the regression warm start's pairs (their own checkpointed order)
+        from apexctl.training.warm_start import WarmStartPairs
+
+        ident = cache_identity(recipe, model_dir, backbone.family)
+        warm = WarmStartPairs.open(
+            m.warm_start_cache or recipe.data.cache_dir,
+            cache,
+            {k: ident[k] for k in ("family", "model_fingerprint")},
+            seed=tr.seed,
+            key="method.warm_start_cache" if m.warm_start_cache else "method.warm_start_steps (data.cache_dir)",
+        )
     counter = StepCounter()
     # the registration order is the checkpoint layout (custom_checkpoint_I.pkl): append, never reorder
     for obj in (sched, sampler, counter, shift) + ((ema,) if ema is not None else ()):
@@ -156,6 +168,8 @@ def setup(recipe: Recipe, acc) -> Session:
         acc.register_for_checkpointing(CriticState(critic_named))
     if tt_embed is not None:
         acc.register_for_checkpointing(tt_embed)
+    if warm is not None:
+        acc.register_for_checkpointing(warm.sampler)
     if fsdp:  # the optimizer state, gathered; the weights go to model.safetensors in save_checkpoint
         holder = torch.nn.ModuleDict({"transformer": transformer, "shift": shift})
         acc.register_for_checkpointing(fsdp_mod.OptimizerState(holder, opt))
@@ -184,6 +198,7 @@ def setup(recipe: Recipe, acc) -> Session:
         critic_params=[p for _, p in critic_named],
         aux_params=list(tt_embed.parameters()) if tt_embed is not None else [],
         critic_forward=critic_forward,
+        warm_start=warm,
     )
     if tr.sample_every is not None:
         sess.sample_rows = sample_rows(tr.sample_prompts, cache)

@@ -62,6 +62,7 @@ class Session:
     critic_params: list[torch.nn.Parameter] = field(default_factory=list)
     aux_params: list[torch.nn.Parameter] = field(default_factory=list)  # apex_full's target-time embedder
     critic_forward: Any = None  # F_φ(u, s, c) of a separate critic (the critic-lag diagnostic samples with it)
+    warm_start: Any = None  # apexctl.training.warm_start.WarmStartPairs (method.warm_start_steps > 0)
 
     @property
     def world(self) -> int:

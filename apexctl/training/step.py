@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from apexctl.engine.objectives import LossOut
+from apexctl.engine.objectives import LossOut, regression
 from apexctl.errors import ApexError
 from apexctl.training.hardware import mean_over_ranks
 
@@ -49,21 +49,32 @@ def train_step(sess: Session) -> StepOut:
     fsdp = sess.recipe.hardware.strategy == "fsdp"
     t0 = time.perf_counter()
     # two time scales (method.critic_updates = N > 1): the critic trains every step, the generator every N-th
-    n_critic = getattr(sess.recipe.method, "critic_updates", 1)
-    phase = {"phase": "critic"} if n_critic > 1 and (sess.counter.step + 1) % n_critic else {}
+    m, done = sess.recipe.method, sess.counter.step
+    n_critic = getattr(m, "critic_updates", 1)
+    phase: dict = {"phase": "critic"} if n_critic > 1 and (done + 1) % n_critic else {}
+    if getattr(m, "rectify_warmup", 0) > 0:  # critic warm-up: the generator's adversarial weight ramps from 0
+        phase["rectify_scale"] = m.rectify_scale(done)
+    warm = sess.warm_start is not None and done < m.warm_start_steps  # regression on the teacher's pairs
     terms_sum: dict[str, float] = {}
     loss_sum = 0.0
     for micro in range(tr.grad_accum):
-        idx, drop = sess.sampler.next(mb * world)
-        idx, drop = idx[rank::world], drop[rank::world]
-        x, cond = cache.batch(idx, drop, empty)
-        x, cond = x.to(acc.device), cond.to(acc.device)
+        if warm:
+            x, z, cond = sess.warm_start.batch(mb, rank, world)
+            x, z, cond = x.to(acc.device), z.to(acc.device, x.dtype), cond.to(acc.device)
+        else:
+            idx, drop = sess.sampler.next(mb * world)
+            idx, drop = idx[rank::world], drop[rank::world]
+            x, cond = cache.batch(idx, drop, empty)
+            x, cond = x.to(acc.device), cond.to(acc.device)
         sync = micro == tr.grad_accum - 1
         if fsdp:  # FSDP2's no_sync: accumulate unsharded gradients, reduce-scatter on the last micro-batch
             sess.wrapped.set_requires_gradient_sync(sync)
         with nullcontext() if sync or fsdp else acc.no_sync(sess.wrapped), acc.autocast():
-            extra = {"uncond": cache.cond(torch.full((len(x),), empty)).to(acc.device)} if sess.guided_ref else {}
-            out: LossOut = sess.objective(sess.net, x, cond, **extra, **phase)
+            if warm:
+                out: LossOut = regression(sess.net, x, z, cond)
+            else:
+                extra = {"uncond": cache.cond(torch.full((len(x),), empty)).to(acc.device)} if sess.guided_ref else {}
+                out = sess.objective(sess.net, x, cond, **extra, **phase)
             acc.backward(out.loss / tr.grad_accum)
         loss_sum += float(out.loss.detach()) / tr.grad_accum
         for k, v in out.terms.items():
