@@ -261,6 +261,13 @@ class Recipe(_Strict):
                 "method.target_time = 'embed' is not supported with hardware.strategy = 'fsdp' (the embedder is not "
                 "sharded); use strategy 'ddp', or method.target_time = 'none'",
             )
+        if getattr(m, "gan_weight", 0.0) > 0 and fsdp:
+            raise Refused(
+                "method.gan_weight",
+                f"method.gan_weight = {m.gan_weight}: the GAN term is not supported with hardware.strategy = 'fsdp' "
+                "(its head is not sharded and its critic pass runs on detached weights); use strategy 'ddp', or "
+                "method.gan_weight = 0",
+            )
         if m.critic == "separate" and fsdp:
             raise Refused(
                 "method.critic",

@@ -165,6 +165,12 @@ class ApexMethod(_Schedules):
     critic_max_grad_norm: float | None = Field(
         None, gt=0.0, description="separate critic: its own gradient clip (null: clipped with the generator)"
     )
+    gan_weight: float = Field(
+        _APEX.gan_weight,
+        ge=0.0,
+        description="DMD2's GAN term: a head on the critic's middle-block features tells noisy real latents from "
+        "noisy one-step samples; the generator gets the non-saturating loss through them (0 = off)",
+    )
     generator_steps: int = Field(
         _APEX.generator_steps,
         ge=1,
@@ -262,6 +268,9 @@ class ApexFullMethod(_Schedules):
     )
     critic_updates: int = Field(
         1, ge=1, description="two time scales: the adv rows train every step, the whole objective every N-th"
+    )
+    gan_weight: float = Field(
+        _FULL.gan_weight, ge=0.0, description="DMD2's GAN term on the e2e rows (see apex; 0 = off)"
     )
     target_time: Literal["none", "embed"] = Field(
         "embed",

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="default: bench/results/screen_SETTING.jsonl")
     ap.add_argument("--work", default=str(ROOT / "runs" / "screen"))
     ap.add_argument("--table", action="store_true", help="print --out as a markdown table and exit")
+    ap.add_argument("--medians", action="store_true", help="with --table: runs NAME_sK grouped, medians over K")
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / "bench" / "results" / f"screen_{args.setting}.jsonl")
     if args.table:
-        print(table([json.loads(x) for x in out.read_text().splitlines() if x.strip()]))
+        records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+        print(table(medians(records) if args.medians else records))
         return 0
     if args.name is None:
         ap.error("NAME is required (or --table)")
@@ -100,6 +104,32 @@ def main(argv: list[str] | None = None) -> int:
     with out.open("a") as f:
         f.write(json.dumps(res) + "\n")
     return 0
+
+
+METRICS = ("fd", "cov", "a_s", "a_m", "sdiv")
+
+
+def medians(records: list[dict]) -> list[dict]:
+    """Runs named ``NAME_sK`` (train.seed K) grouped under ``NAME (n seeds)``, each score the median over the
+    group; other runs as they are."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(re.sub(r"_s\d+$", "", r["name"]), []).append(r)
+    out = []
+    for name, rs in groups.items():
+        if len(rs) == 1 and rs[0]["name"] == name:
+            out.append(rs[0])
+            continue
+        row = {
+            "name": f"{name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
+            "sets": [x for x in rs[0]["sets"] if not x.startswith("train.seed")],
+        }
+        row["train_s"] = statistics.median(r["train_s"] for r in rs)
+        for k in ("50", "1", "2", "4", "2d", "4d"):
+            if all(k in r for r in rs):
+                row[k] = {m: statistics.median(r[k][m] for r in rs) for m in METRICS}
+        out.append(row)
+    return out
 
 
 def table(records: list[dict]) -> str:

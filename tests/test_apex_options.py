@@ -261,6 +261,11 @@ def test_separate_critic_gradients_by_hand():
         ({"target_time": "none"}, {"train": {"micro_batch": 3}}, "train.micro_batch = 3"),
         ({"reference": "base"}, {"hardware": {"strategy": "fsdp"}}, "method.reference = 'base'"),
         ({"generator_steps": 0}, {}, "method.generator_steps = 0"),
+        (
+            {"gan_weight": 0.1, "target_time": "none"},
+            {"hardware": {"strategy": "fsdp"}, "model": {"path": "tiny:digits", "lora": {"rank": 2}}},
+            "method.gan_weight = 0.1",
+        ),
         ({"generator_steps": 2, "objective": "flow_matching"}, {}, "generator_steps = 2 is a key of method"),
     ],
 )
@@ -559,3 +564,32 @@ def test_critic_lag_is_logged_and_measures_the_moment_gap(work):
         for n in ("lag", "lag-off")
     )
     assert all(torch.equal(a[k], b[k]) for k in a)  # measuring it does not change training
+
+
+def test_gan_term_trains_the_head_and_resumes_exactly(work):
+    """apex_full with the target-time input and the GAN head: its terms are logged, the head is checkpointed (an
+    interrupted run resumes bit for bit), and it learns (the head's weights move)."""
+    method = {"objective": "apex_full", "target_time": "embed", "gan_weight": 0.5}
+    full, _ = _uninterrupted_equals_resumed(work, "gan", method)
+    rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/gan_d", "loss/gan_g", "loss/gan_real_acc", "loss/gan_fake_acc"} <= set(rows[-1])
+    sess = _session(work, "gan-head", method)
+    head = sess.objective.keywords["gan"].head
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    from apexctl.training.step import train_step
+
+    train_step(sess)
+    assert any(not torch.equal(before[n], p) for n, p in head.named_parameters())
+
+
+def test_gan_term_on_a_separate_critic_adds_to_the_apex_loss(work):
+    """apex with a separate critic: the loss is the same objective's plus w·(L_D + L_G), the rest unchanged (the GAN
+    term draws its random numbers last)."""
+    from apexctl.training.step import train_step
+
+    # one session at a time: a session's setup seeds the global RNG its steps draw from
+    a = train_step(_session(work, "gan-off", {"critic": "separate"}))
+    b = train_step(_session(work, "gan-on", {"critic": "separate", "gan_weight": 0.5}))
+    assert a.terms["fake"] == pytest.approx(b.terms["fake"], rel=1e-6)
+    assert a.terms["fm"] == pytest.approx(b.terms["fm"], rel=1e-6)
+    assert b.loss == pytest.approx(a.loss + 0.5 * (b.terms["gan_d"] + b.terms["gan_g"]), rel=1e-5)

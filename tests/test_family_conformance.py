@@ -458,3 +458,53 @@ def test_target_time_input_is_the_stock_module_at_tt_zero(zoo, family):
         stock = bb.velocity(x, t, cond)
         torch.testing.assert_close(net(x, t, cond, tt=torch.zeros(2)), stock, rtol=0, atol=0)
         assert not torch.allclose(net(x, t, cond, tt=t), stock, atol=1e-5)
+
+
+#: per family: the denoiser's block list the GAN features come from, where a block's output holds the image stream
+#: (a tuple index, None: the output itself, "prefix": the first N tokens of a unified sequence) and the image's
+#: patch side in latent cells (None: the transformer config's ``patch_size``)
+FEATURE_STREAM: dict[str, tuple[str, int | str | None, int | None]] = {
+    "qwen_image": ("transformer_blocks", 1, 2),  # packed 2×2 by the adapter
+    "flux": ("transformer_blocks", 1, 2),
+    "sd3": ("transformer_blocks", 1, None),
+    "sana": ("transformer_blocks", None, None),
+    "z_image": ("layers", "prefix", 2),  # [image, caption] per row in the stock mode
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_feature_site_is_the_middle_blocks_image_stream(zoo, family):
+    """The GAN head's features: the middle block's image tokens [B, N_image, D], equal to that block's own
+    image-stream output when it is called again on the inputs it saw."""
+    bb = zoo.backbone(family)
+    blocks_name, stream, patch = FEATURE_STREAM[family]
+    blocks = getattr(bb.transformer, blocks_name)
+    site, extract = bb.feature_site()
+    assert site is blocks[len(blocks) // 2]
+    x, t, cond = _x(bb, 5), torch.tensor([0.8, 0.3]), bb.encode_prompts(list(PROMPTS))
+    seen, features = [], []
+    handles = [
+        site.register_forward_hook(lambda mod, args, kwargs, out: seen.append((args, kwargs)), with_kwargs=True),
+        site.register_forward_hook(lambda mod, inp, out: features.append(extract(out))),
+    ]
+    try:
+        with torch.no_grad():
+            bb.velocity(x, t, cond)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == len(features) == 1
+    (args, kwargs), (feat,) = seen[0], features
+    with torch.no_grad():
+        out = site(*args, **kwargs)  # the block on its own inputs, read by the table above
+    cfg = bb.transformer.config
+    p = patch or int(cfg.patch_size)
+    n_image = (x.shape[-2] // p) * (x.shape[-1] // p)
+    if stream == "prefix":
+        assert out.shape[1] > n_image  # the unified sequence is longer: the slice matters
+        ref = out[:, :n_image]
+    else:
+        ref = out if stream is None else out[stream]
+    width = cfg.get("dim") or cfg.num_attention_heads * cfg.attention_head_dim
+    assert feat.shape == (len(PROMPTS), n_image, width) and bb.feature_dim() == width
+    assert torch.equal(feat, ref)

@@ -14,6 +14,7 @@ import torch
 from apexctl.engine.cond import Cond
 from apexctl.engine.config import ApexFullConfig
 from apexctl.engine.flow import endpoint, interpolate, mse_per_row, velocity_target
+from apexctl.engine.gan import Gan, gan_term
 from apexctl.engine.objectives import LossOut, Net, Reference, guided_reference
 from apexctl.engine.rcgm import GROUPS, barron_rows, group_masks, rcgm_target, time_weight
 
@@ -35,6 +36,7 @@ def apex_full(
     uncond: Cond | None = None,
     phase: str = "all",
     rectify_scale: float = 1.0,
+    gan: Gan | None = None,
 ) -> LossOut:
     """One batch of the released objective. Rows are split into groups (``cfg.groups``; with ``full_batch``
     each group gets a copy of the whole batch), t ~ p(t), u ~ U(0, 1)::
@@ -60,7 +62,9 @@ def apex_full(
     rollouts and the enhanced target) and F_R (``reference``, the real score of Δ, CFG-guided with
     ``reference_guidance`` > 1) default to the live network without gradient. ``phase = "critic"`` (the extra
     critic steps of ``critic_updates`` > 1) makes every row an adv row: ``L = mean ℓ(F(x_t, t, c_fake), z − x̂)``.
-    ``rectify_scale`` multiplies dmc (the critic warm-up ramp of ``method.rectify_warmup``).
+    ``rectify_scale`` multiplies dmc (the critic warm-up ramp of ``method.rectify_warmup``). ``gan`` with
+    ``gan_weight`` w > 0 adds DMD2's GAN term (engine/gan.py) on the e2e rows, their data x against their one-step
+    samples x̂ = z − F (with its graph), s ~ U(0, 1): ``L += w·(L_D + L_G)`` (not on critic steps: no e2e rows).
     """
     dev = x.device
     if phase == "critic":
@@ -152,6 +156,15 @@ def apex_full(
         loss = loss + rectify_scale * cfg.rectify_weight * loss_rect
         terms["rect"] = loss_rect.detach()
         terms["delta_abs"] = delta.abs().mean()
+    if gan is not None and cfg.gan_weight > 0 and er.numel():
+        k = len(er)
+        s_g = torch.rand(k, generator=generator).to(dev, x.dtype)
+        z_r = torch.randn((k, *x.shape[1:]), generator=generator).to(x)
+        z_f = torch.randn((k, *x.shape[1:]), generator=generator).to(x)
+        x_gen_hat = endpoint(x_t[er], t[er], f[er])
+        term, gan_terms = gan_term(gan.features, gan.head, x[er], x_gen_hat, cond[er], s_g, z_r, z_f, **at(s_g))
+        loss = loss + cfg.gan_weight * term
+        terms.update(gan_terms)
     return LossOut(loss, terms)
 
 

@@ -65,6 +65,7 @@ class ApexConfig:
     reference_guidance: float = 1.0  # > 1: F_ref is the family's CFG of F_ref(c) and F_ref(∅) (needs ``uncond``)
     generator_steps: int = 1  # N: generator rows at τ on the few-step grid {1, (N−1)/N, …, 1/N}
     normalize_delta: bool = False  # DMD2: Δ ← s·Δ / mean|u − s·F_ref − x̂| per row (x-prediction units, unit scale)
+    gan_weight: float = 0.0  # DMD2's GAN term on the critic's features (engine/gan.py); 0 = off
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,4 @@ class ApexFullConfig:
     rectify_clip: float = 1.0  # clamp of F(u, s, c_fake) − F_real(u, s, c)
     reference_guidance: float = 1.0  # CFG scale of the real side of the rectify term (needs ``uncond``)
     fake_time: Literal["shift", "signed"] = "shift"  # signed: the fake rows also see −t (the released double marker)
+    gan_weight: float = 0.0  # DMD2's GAN term on the critic's features, on the e2e rows (engine/gan.py); 0 = off

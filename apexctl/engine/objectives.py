@@ -19,6 +19,7 @@ from apexctl.engine.cond import Cond
 from apexctl.engine.config import ApexConfig, ApexPaperConfig, FlowMatchingConfig  # the knobs (re-exported)
 from apexctl.engine.denoiser import Denoiser
 from apexctl.engine.flow import endpoint, interpolate, loss_weight, mse_per_row, velocity_target
+from apexctl.engine.gan import Gan, gan_term
 from apexctl.engine.shift import ConditionShift
 from apexctl.engine.target_time import TargetTimeEmbedding
 
@@ -143,6 +144,7 @@ def apex(
     critic: Critic | None = None,
     phase: str = "all",
     rectify_scale: float = 1.0,
+    gan: Gan | None = None,
 ) -> LossOut:
     """The shifted branch as the model's own critic::
 
@@ -183,6 +185,11 @@ def apex(
 
     ``phase = "critic"`` (the critic-only steps of ``critic_updates`` > 1): the loss is λ_p·L_fake alone.
     ``rectify_scale`` multiplies μ (the critic warm-up ramp of ``method.rectify_warmup``).
+
+    ``gan`` with ``gan_weight`` w > 0 adds DMD2's GAN term (engine/gan.py) on the critic's features, real rows x
+    against the generator's x̂ (with its graph; detached on critic steps), s ~ U(0, 1)::
+
+        L += w·(L_D + L_G)
     """
     B, dev = x.shape[0], x.device
     z = torch.randn(x.shape, generator=generator).to(x)
@@ -223,15 +230,23 @@ def apex(
     loss = cfg.fm_weight * loss_fm + cfg.fake_weight * loss_fake + rectify_scale * cfg.rectify_weight * loss_rect
     if phase == "critic":
         loss = cfg.fake_weight * loss_fake
-    return LossOut(
-        loss,
-        {
-            "fm": loss_fm.detach(),
-            "fake": loss_fake.detach(),
-            "rect": loss_rect.detach(),
-            "delta_abs": delta.abs().mean(),
-        },
-    )
+    terms = {
+        "fm": loss_fm.detach(),
+        "fake": loss_fake.detach(),
+        "rect": loss_rect.detach(),
+        "delta_abs": delta.abs().mean(),
+    }
+    if gan is not None and cfg.gan_weight > 0:
+        x_gen_hat = endpoint(x_gen, tau, f_gen) if few else z - f_gen
+        if phase == "critic":
+            x_gen_hat = x_gen_hat.detach()
+        s_g = torch.rand(B, generator=generator).to(dev, x.dtype)
+        z_r = torch.randn(x.shape, generator=generator).to(x)
+        z_f = torch.randn(x.shape, generator=generator).to(x)
+        term, gan_terms = gan_term(gan.features, gan.head, x, x_gen_hat, cond, s_g, z_r, z_f)
+        loss = loss + cfg.gan_weight * term
+        terms.update(gan_terms)
+    return LossOut(loss, terms)
 
 
 def apex_paper(

@@ -94,6 +94,28 @@ class Backbone(ABC, nn.Module):
         linears = [m for m in self.time_embedding_site().modules() if isinstance(m, nn.Linear)]
         return int(linears[-1].out_features)
 
+    #: the denoiser's attribute holding its list of transformer blocks (the GAN head reads the middle one)
+    feature_blocks_name: str = "transformer_blocks"
+    #: which element of a block's tuple output is the image stream; None: the output is the image stream itself
+    feature_output_index: int | None = 1
+
+    def feature_site(self, module: nn.Module | None = None) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
+        """``(block, extract)``: the middle transformer block (index ``len(blocks) // 2``) of ``module`` (default
+        the denoiser; e.g. a separate critic copy of it) and the map from that block's forward output to its
+        image-token hidden states ``[B, N_image, D]`` (the features DMD2's GAN head reads, docs/design.md §5)."""
+        blocks = getattr(self.transformer if module is None else module, self.feature_blocks_name)
+        index = self.feature_output_index
+
+        def extract(output: Any) -> torch.Tensor:
+            return output if index is None else output[index]
+
+        return blocks[len(blocks) // 2], extract
+
+    def feature_dim(self) -> int:
+        """D of :meth:`feature_site`'s features: the DiT's width, ``num_attention_heads · attention_head_dim``."""
+        cfg = self.transformer.config
+        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+
     def condition_dim(self) -> int:
         """Feature size at ``condition_site()`` (for a ``diag`` shift)."""
         site = self.condition_site()

@@ -61,6 +61,9 @@ class FluxBackbone(ScaledKLCodec, PooledText, PipelineBackbone):
     absent_parts = ("image_encoder", "feature_extractor")
     comfyui = True
     lora_targets = [*JOINT_ATTENTION, "proj_mlp", "proj_out"]
+    #: the dual-stream ``transformer_blocks`` (not ``single_transformer_blocks``, whose tokens are text and image
+    #: mixed): ``FluxTransformerBlock`` returns ``(encoder_hidden_states, hidden_states)``, the image stream second
+    feature_blocks_name, feature_output_index = "transformer_blocks", 1
     #: FluxPipeline.__call__'s default max_sequence_length (T5 tokens)
     max_sequence_length = 512
 

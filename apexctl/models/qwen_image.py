@@ -42,6 +42,8 @@ class QwenImageBackbone(PipelineBackbone):
     )
     comfyui = True
     lora_targets = [*JOINT_ATTENTION, "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+    #: ``QwenImageTransformerBlock`` returns ``(encoder_hidden_states, hidden_states)``: the image stream is second
+    feature_blocks_name, feature_output_index = "transformer_blocks", 1
     #: QwenImagePipeline.__call__'s default max_sequence_length (prompt tokens after the template)
     max_sequence_length = 512
 

@@ -71,6 +71,8 @@ class SanaBackbone(PipelineBackbone):
         "attn2.to_v",
         "attn2.to_out.0",
     ]
+    #: ``SanaTransformerBlock`` returns the image tokens ``[B, N, D]`` alone (the text enters by cross-attention)
+    feature_blocks_name, feature_output_index = "transformer_blocks", None
     #: SanaPipeline.__call__'s default max_sequence_length
     max_sequence_length = 300
 

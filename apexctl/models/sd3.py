@@ -51,6 +51,9 @@ class SD3Backbone(ScaledKLCodec, PooledText, PipelineBackbone):
     absent_parts = ("image_encoder", "feature_extractor")
     comfyui = True
     lora_targets = list(JOINT_ATTENTION)
+    #: ``JointTransformerBlock`` returns ``(encoder_hidden_states, hidden_states)`` (the first None in the last,
+    #: ``context_pre_only`` block): the image stream is second
+    feature_blocks_name, feature_output_index = "transformer_blocks", 1
     #: StableDiffusion3Pipeline.__call__'s default max_sequence_length (T5 tokens)
     max_sequence_length = 256
 

@@ -32,6 +32,8 @@ per token, so the result is the stock one; a hook on the site sees ``[B, L, dim]
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -86,6 +88,12 @@ class ZImageBackbone(ScaledKLCodec, PipelineBackbone):
     max_sequence_length = 512
     #: ZImagePipeline.__call__'s default cfg_normalization (False/0: off)
     cfg_normalization: float = 0.0
+    #: the main ``layers`` run on one unified sequence per sample, ``[image tokens (padded to a multiple of 32),
+    #: caption tokens]`` in the stock (non-omni) mode; each ``ZImageTransformerBlock`` returns it as one tensor
+    feature_blocks_name, feature_output_index = "layers", None
+    #: image tokens of the latest ``velocity`` call, ``(h/2)·(w/2)`` (the features' N); the unified sequence does
+    #: not show where the image's own padding ends
+    _image_tokens: int | None = None
 
     # -- conditioning --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,6 +141,22 @@ class ZImageBackbone(ScaledKLCodec, PipelineBackbone):
             return int(self.text_encoder.config.hidden_size)
         return int(self.transformer.config.cap_feat_dim)
 
+    # -- the GAN head's features ---------------------------------------------------------------------------------
+    def feature_site(self, module: nn.Module | None = None) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        """The middle of ``layers``; ``extract`` keeps the first ``(h/2)·(w/2)`` tokens of each unified row (the
+        image's, before its padding and the caption), ``h × w`` the latents of the ``velocity`` call running."""
+        block, _ = super().feature_site(module)
+
+        def extract(output: torch.Tensor) -> torch.Tensor:
+            if self._image_tokens is None:
+                raise RuntimeError("Z-Image features are read inside ZImageBackbone.velocity only")
+            return output[:, : self._image_tokens]
+
+        return block, extract
+
+    def feature_dim(self) -> int:
+        return int(self.transformer.config.dim)
+
     # -- images <-> latents --------------------------------------------------------------------------------------
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor * 2
@@ -148,6 +172,8 @@ class ZImageBackbone(ScaledKLCodec, PipelineBackbone):
         # the pipeline: scheduler timestep σ·T (fp32), then (1000 − timestep) / 1000
         timestep = (1000 - t * float(self.scheduler.config.num_train_timesteps)) / 1000
         caps = [c.to(dtype) for c in self.cond_to_list(cond)]
+        # the transformer's default patch_size 2 on one frame: the image's tokens, for feature_site's extract
+        self._image_tokens = (x_t.shape[-2] // 2) * (x_t.shape[-1] // 2)
         with self._per_sample_site([int(c.shape[0]) for c in caps]):
             out = self.denoiser(
                 list(x_t.to(dtype).unsqueeze(2).unbind(0)), timestep.to(dtype), caps, return_dict=False

@@ -1,5 +1,6 @@
 """The callables ``apex`` receives besides the model (docs/design.md §5.2): the reference F_ref (self | ema | base)
-and the separate critic F_φ, plus the critic copy itself and its checkpoint state."""
+and the separate critic F_φ, plus the critic copy itself and its checkpoint state, and the critic's features for
+the GAN term (engine/gan.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from apexctl.engine.ema import EMA
+from apexctl.engine.gan import Features, tapped
 from apexctl.engine.objectives import Critic, Net, Reference
 
 
@@ -102,3 +104,44 @@ class CriticState:
         with torch.no_grad():
             for n, p in self.named:
                 p.copy_(saved[n])
+
+
+def make_gan_features(
+    backbone,
+    transformer: torch.nn.Module,
+    wrapped: torch.nn.Module,
+    net: Net,
+    critic: torch.nn.Module | None = None,
+) -> Features:
+    """``features(u, s, cond, detach_weights)`` of the GAN term (engine/gan.py): the critic branch run inside
+    ``tapped(*backbone.feature_site(...))``, returning the tapped block's image-token features ``[B, N, D]``.
+
+    The critic branch is the self-critic ``net(u, s, cond, fake=all rows)`` (the shifted condition) through the
+    live forward module ``wrapped``, or with ``critic`` (``method.critic: separate``) that copy on the real
+    condition, like :func:`make_critic_forward`. ``detach_weights=True`` runs the same module with every trained
+    parameter detached (``ShadowForward``): the gradient reaches ``u`` only. The previous forward module is
+    restored afterwards. ``tt`` (``apex_full``'s target time) reaches the self-critic's net."""
+    module = critic if critic is not None else transformer
+    site, extract = backbone.feature_site(module)
+
+    def features(u: torch.Tensor, s: torch.Tensor, cond, detach_weights: bool = False, tt=None) -> torch.Tensor:
+        if detach_weights:
+            params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+            forward: torch.nn.Module = ShadowForward(module, params)
+        else:
+            forward = critic if critic is not None else wrapped
+        previous = backbone.denoiser
+        backbone.set_forward_module(forward)
+        try:
+            with tapped(site, extract) as captured:
+                if critic is not None:
+                    backbone.velocity(u, s, cond)
+                else:
+                    net(u, s, cond, fake=torch.ones(u.shape[0], dtype=torch.bool, device=u.device), tt=tt)
+        finally:
+            backbone.set_forward_module(previous)
+        if len(captured) != 1:
+            raise RuntimeError(f"the GAN feature site ran {len(captured)} times in one critic forward (expected 1)")
+        return captured[0]
+
+    return features

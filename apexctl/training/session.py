@@ -13,6 +13,7 @@ import torch
 from apexctl.atomic import write_text
 from apexctl.data.cache import LatentCache, PairSampler
 from apexctl.engine.ema import EMA
+from apexctl.engine.gan import Gan, GanHead
 from apexctl.engine.objectives import Net
 from apexctl.engine.shift import ConditionShift
 from apexctl.engine.target_time import TargetTimeEmbedding
@@ -20,7 +21,13 @@ from apexctl.errors import BadInput
 from apexctl.export import write_export
 from apexctl.lora import adapters_disabled, check_lora_formats, make_trainable
 from apexctl.recipe import Recipe
-from apexctl.training.closures import CriticState, make_critic, make_critic_forward, make_reference
+from apexctl.training.closures import (
+    CriticState,
+    make_critic,
+    make_critic_forward,
+    make_gan_features,
+    make_reference,
+)
 from apexctl.training.grids import sample_rows
 from apexctl.training.hardware import check_world
 from apexctl.training.objectives import build_objective
@@ -105,6 +112,14 @@ def setup(recipe: Recipe, acc) -> Session:
     if getattr(m, "target_time", "none") == "embed":  # apex_full's target-time input: trained, never exported
         tt_embed = TargetTimeEmbedding(backbone.time_embedding_dim())
         groups.append({"params": list(tt_embed.parameters()), "lr": tr.lr, "weight_decay": 0.0})
+    head = None
+    if getattr(m, "gan_weight", 0.0) > 0:  # DMD2's GAN head on the critic's features (trained with the critic)
+        with torch.random.fork_rng(devices=[]):  # its own init RNG: the other draws match a run without it
+            torch.manual_seed(tr.seed)
+            head = GanHead(backbone.feature_dim())
+        groups.append(
+            {"params": list(head.parameters()), "lr": getattr(m, "critic_lr", None) or tr.lr, "weight_decay": 0.0}
+        )
     opt = make_optimizer(recipe, groups)
     sched = make_schedule(recipe, opt)
     if fsdp:  # not through acc.prepare (it would wrap the model in DDP); checkpoints go through fsdp.OptimizerState
@@ -116,6 +131,8 @@ def setup(recipe: Recipe, acc) -> Session:
         shift.to(acc.device)
         if tt_embed is not None:
             tt_embed.to(acc.device)
+        if head is not None:
+            head.to(acc.device)
         backbone.to(acc.device)
         if critic is not None:  # equal to the model as prepared (DDP broadcast rank 0's weights, e.g. a LoRA init)
             critic.to(acc.device)
@@ -135,11 +152,13 @@ def setup(recipe: Recipe, acc) -> Session:
     adapters_off = partial(adapters_disabled, transformer)
     refs = {k: make_reference(k, backbone, transformer, net, ema, wrapped, base, adapters_off) for k in m.references}
     critic_forward = make_critic_forward(backbone, critic, wrapped) if critic else None
+    gan = Gan(make_gan_features(backbone, transformer, wrapped, net, critic), head) if head is not None else None
     objective = build_objective(
         recipe,
         refs[m.reference],
         critic_forward,
         refs[m.target_reference] if m.objective == "apex_full" else None,
+        gan,
     )
 
     sampler = PairSampler(len(cache), seed=tr.seed, cond_dropout=recipe.data.cond_dropout, buckets=cache.pair_buckets)
@@ -170,6 +189,8 @@ def setup(recipe: Recipe, acc) -> Session:
         acc.register_for_checkpointing(tt_embed)
     if warm is not None:
         acc.register_for_checkpointing(warm.sampler)
+    if head is not None:
+        acc.register_for_checkpointing(head)
     if fsdp:  # the optimizer state, gathered; the weights go to model.safetensors in save_checkpoint
         holder = torch.nn.ModuleDict({"transformer": transformer, "shift": shift})
         acc.register_for_checkpointing(fsdp_mod.OptimizerState(holder, opt))
@@ -196,7 +217,7 @@ def setup(recipe: Recipe, acc) -> Session:
         global_batch=global_batch,
         critic=critic,
         critic_params=[p for _, p in critic_named],
-        aux_params=list(tt_embed.parameters()) if tt_embed is not None else [],
+        aux_params=[p for mod in (tt_embed, head) if mod is not None for p in mod.parameters()],
         critic_forward=critic_forward,
         warm_start=warm,
     )

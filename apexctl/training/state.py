@@ -60,7 +60,7 @@ class Session:
     sample_rows: list[int] = field(default_factory=list)
     critic: torch.nn.Module | None = None  # method.critic: separate (outside DDP: gradients averaged by hand)
     critic_params: list[torch.nn.Parameter] = field(default_factory=list)
-    aux_params: list[torch.nn.Parameter] = field(default_factory=list)  # apex_full's target-time embedder
+    aux_params: list[torch.nn.Parameter] = field(default_factory=list)  # target-time embedder, GAN head
     critic_forward: Any = None  # F_φ(u, s, c) of a separate critic (the critic-lag diagnostic samples with it)
     warm_start: Any = None  # apexctl.training.warm_start.WarmStartPairs (method.warm_start_steps > 0)
 
