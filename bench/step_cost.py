@@ -14,7 +14,9 @@ flow-matching rows, shifted critic) and one without (reference) ≈ 3.3×; ``ape
 rows, estimate order 2): one forward with gradient on B rows, and without gradient the adv rows' one-step samples
 (B/4), the RCGM rollouts of the e2e and any rows and of the mul rows whose gap exceeds dt (2 × ≈ B/2) and the
 rectify pair on the e2e rows (2 × B/4): ≈ 1 + 1.75/3 ≈ 1.6× flow matching's passes; ``full_batch`` multiplies
-every row count by 4 (≈ 6.3×); the enhanced target adds 2 × B/2 rows.
+every row count by 4 (≈ 6.3×); the enhanced target adds 2 × B/2 rows. The GAN term (``gan_weight``) adds two
+critic forwards with gradient: 2 × B real + fake rows and B generator rows for ``apex`` (+3 passes), 3 × B/4 for
+``apex_full``'s e2e rows (+0.75). The regression warm start is one forward on B rows, like flow matching.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 
 from apexctl.engine.apex_full import apex_full  # noqa: E402
 from apexctl.engine.config import ApexFullConfig  # noqa: E402
+from apexctl.engine.gan import Gan, GanHead  # noqa: E402
 from apexctl.engine.objectives import (  # noqa: E402
     ApexConfig,
     ApexPaperConfig,
@@ -38,10 +41,12 @@ from apexctl.engine.objectives import (  # noqa: E402
     apex,
     apex_paper,
     flow_matching,
+    regression,  # noqa: E402
 )
 from apexctl.engine.shift import ConditionShift  # noqa: E402
 from apexctl.engine.target_time import TargetTimeEmbedding  # noqa: E402
 from apexctl.models import load_backbone, resolve_model_path  # noqa: E402
+from apexctl.training.closures import make_gan_features  # noqa: E402
 
 #: name → (model, image size, batch)
 CONFIGS = {
@@ -76,6 +81,9 @@ def measure(config: str, iters: int, repeats: int) -> dict[str, dict[str, float]
     net = Net(bb, ConditionShift())
     tt_net = Net(bb, ConditionShift(), TargetTimeEmbedding(bb.time_embedding_dim()))
     full = ApexFullConfig()
+    gan = Gan(make_gan_features(bb, bb.transformer, bb.transformer, net), GanHead(bb.feature_dim()))
+    opt.add_param_group({"params": list(gan.head.parameters())})
+    z = torch.randn_like(x)
     objectives = {
         "flow_matching": lambda: flow_matching(net, x, cond, FlowMatchingConfig()),
         "apex": lambda: apex(net, x, cond, ApexConfig()),
@@ -85,6 +93,9 @@ def measure(config: str, iters: int, repeats: int) -> dict[str, dict[str, float]
         "apex_full (tt embed)": lambda: apex_full(tt_net, x, cond, full),
         "apex_full (enhanced)": lambda: apex_full(net, x, cond, ApexFullConfig(enhance_ratio=1.0), uncond=uncond),
         "apex_full (full batch)": lambda: apex_full(net, x, cond, ApexFullConfig(full_batch=True)),
+        "apex_full (GAN)": lambda: apex_full(net, x, cond, ApexFullConfig(gan_weight=0.1), gan=gan),
+        "apex (GAN)": lambda: apex(net, x, cond, ApexConfig(gan_weight=0.1), gan=gan),
+        "regression (warm start)": lambda: regression(net, x, z, cond),
     }
 
     def step(fn) -> None:
