@@ -152,6 +152,8 @@ def memory_lines(r: Recipe) -> list[str]:
     act_bytes = 4 if h.precision == "fp32" or (h.precision == "auto" and h.device == "cpu") else 2
     m = r.method  # rows with gradient per example: apex 2 (generator + FM rows, critic), apex_full 1 (4: full_batch)
     branches = {"flow_matching": 1, "apex_full": 4 if getattr(m, "full_batch", False) else 1}.get(m.objective, 2)
+    if getattr(m, "gan_weight", 0.0) > 0:  # the GAN term's critic passes with gradient: 3 × B (apex), 3 × B/4 (e2e)
+        branches += 3 if m.objective == "apex" else 0.75
     k = 2 if h.gradient_checkpointing else 16
     acts = t.micro_batch * branches * tokens * hidden * blocks * act_bytes * k
     what = f"LoRA r={lora.rank}" if lora is not None else "full fine-tune"
@@ -182,7 +184,17 @@ def describe_plan(r: Recipe) -> str:
     eq = _EQUATIONS[m.objective].format(**m.model_dump())
     lines.append(f"objective  {m.objective}: {eq}")
     if m.objective == "apex" and m.critic == "separate":
-        lines.append("           critic: separate copy of the denoiser (L_fake with the real condition; not exported)")
+        copy = "a second LoRA adapter on the shared frozen base" if r.model.lora else "a separate copy of the denoiser"
+        lines.append(f"           critic: {copy} (L_fake with the real condition; not exported)")
+    if getattr(m, "warm_start_steps", 0) > 0:
+        pairs = m.warm_start_cache or r.data.cache_dir
+        lines.append(
+            f"           warm start: steps 1–{m.warm_start_steps} regress F(z, 1, c) on the teacher's pairs in {pairs}"
+        )
+    if getattr(m, "rectify_warmup", 0) > 0:
+        lines.append(f"           critic warm-up: rectify_weight ramps from 0 over {m.rectify_warmup} steps")
+    if getattr(m, "gan_weight", 0.0) > 0:
+        lines.append(f"           GAN term: {m.gan_weight}·(L_D + L_G) on the critic's middle-block features")
     if m.objective == "apex" and m.generator_steps > 1:
         n = m.generator_steps
         lines.append(

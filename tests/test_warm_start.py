@@ -145,3 +145,10 @@ def test_warm_start_without_seeds_is_refused(work):
     assert "no recorded synthesis seeds" in fails(["distill", str(r), "-q"])
     r = _recipe(work, "nocache", {"warm_start_steps": 2, "warm_start_cache": str(work / "nowhere")})
     assert "is not a prepared cache" in fails(["distill", str(r), "-q"])
+
+
+def test_dry_run_names_the_stabilisers(work):
+    method = {"warm_start_steps": 3, "rectify_warmup": 2, "gan_weight": 0.5}
+    out = ok(["distill", str(_recipe(work, "dry", method)), "--dry-run"])
+    assert f"warm start: steps 1–3 regress F(z, 1, c) on the teacher's pairs in {work / 'cache-syn'}" in out
+    assert "rectify_weight ramps from 0 over 2 steps" in out and "GAN term: 0.5·(L_D + L_G)" in out
