@@ -194,6 +194,9 @@ class SampleSpec(_Strict):
     renoise: Literal["stochastic", "deterministic"] = Field(
         "stochastic", description="few-step re-noising: fresh noise from the image's own seed, or the model's ẑ"
     )
+    grid_power: float = Field(
+        1.0, gt=0.0, description="few-step times t_i = (1 − i/N)^p: 1 = uniform; > 1 puts the later steps at low noise"
+    )
     guidance: float = Field(1.0, ge=1.0)
     negative_prompt: str = ""
     height: int | None = Field(None, gt=0, description="null = data.resolution")

@@ -3,14 +3,15 @@
     .venv/bin/python bench/screen.py NAME STEPS [KEY=VALUE ...]        # e.g. base_tt 2000 method.target_time=embed
     .venv/bin/python bench/screen.py teacher 1                         # the teacher rows (50 steps CFG 2, 1 step)
 
-Each run starts from ``recipes/SETTING.yaml`` (or ``--recipe``) with the ``--set``-style overrides, trains ``STEPS`` steps (2 threads),
-then samples 60 seeds of each of the 15 eval prompts (1, 2 and 4 steps; ``2d``/``4d``: the few-step sampler
-re-noising with the model's own ẑ, ``sample.renoise: deterministic``) (image k of every prompt: noise seed k, the same for every
-run) and scores them with the digits judge: FD, multi-mode coverage, alignment (single / multi prompts) and the
-seed diversity of the single-digit prompts. One line per run is appended to ``--out`` (default
-``bench/results/screen_SETTING.jsonl``); a name already there is skipped. ``bench/quality.py`` is the full,
-3-seed study; this is what chose which of its rows to run (docs/evidence.md §6). Needs the setting's teacher
-(``runs/SETTING-teacher/model``: ``make demo`` trains the digits one) and its cache (``cache/SETTING``).
+Each run starts from ``recipes/SETTING.yaml`` (or ``--recipe``) with the ``--set``-style overrides, trains
+``STEPS`` steps (2 threads), then samples 60 seeds of each of the eval prompts (image k of every prompt: noise
+seed k, the same for every run) at 1, 2 and 4 steps (``2p``/``4p``: the few-step grid with
+``sample.grid_power: 2``; ``2d``/``4d`` in older records: re-noising with the model's own ẑ, ``sample.renoise:
+deterministic``) and scores them with the setting's judge: FD, multi-mode coverage, alignment (single / multi
+prompts) and the seed diversity of the single-mode prompts. One line per run is appended to ``--out`` (default
+``bench/results/screen_SETTING.jsonl``); a name already there is skipped; ``--table [--medians]`` renders it
+(runs named ``NAME_sK``: train.seed K, grouped). Needs the setting's teacher (``runs/SETTING-teacher/model``:
+``make demo`` trains the digits one) and its cache (``cache/SETTING``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run, ignore_errors=True)
         train(recipe, quiet=True)
         model, info = load_trained(recipe), ModelInfo(distilled=True)
-        plan = [(1, None, None), (2, None, None), (4, None, None), ("2d", None, None), ("4d", None, None)]
+        plan = [(1, None, None), (2, None, None), (4, None, None), ("2p", None, None), ("4p", None, None)]
     res: dict = {
         "name": args.name,
         "recipe": Path(args.recipe).name if args.recipe else f"{st}.yaml",
@@ -88,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         "train_s": round(time.perf_counter() - t0, 1),
     }
     for key, method, guidance in plan:
-        k, renoise = (int(str(key)[:-1]), "deterministic") if str(key).endswith("d") else (int(key), None)
-        s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, renoise=renoise, batch=256)
+        k = int(str(key).rstrip("p"))
+        s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, batch=256)
+        if str(key).endswith("p"):
+            s = replace(s, grid_power=2.0)
         sc = ev.score(generate_images(model, ev.texts, seeds, quiet=True, **s.sampler_kwargs()))
         res[str(key)] = {
             "fd": round(sc["fd"], 2),
@@ -125,7 +129,7 @@ def medians(records: list[dict]) -> list[dict]:
             "sets": [x for x in rs[0]["sets"] if not x.startswith("train.seed")],
         }
         row["train_s"] = statistics.median(r["train_s"] for r in rs)
-        for k in ("50", "1", "2", "4", "2d", "4d"):
+        for k in ("50", "1", "2", "4", "2p", "4p", "2d", "4d"):
             if all(k in r for r in rs):
                 row[k] = {m: statistics.median(r[k][m] for r in rs) for m in METRICS}
         out.append(row)
@@ -140,7 +144,7 @@ def table(records: list[dict]) -> str:
     ]
     for r in records:
         sets = " ".join(x.removeprefix("method.") for x in r["sets"] if x != "method.objective=apex_full") or "–"
-        for k in ("50", "1", "2", "4", "2d", "4d"):
+        for k in ("50", "1", "2", "4", "2p", "4p", "2d", "4d"):
             if k in r:
                 e = r[k]
                 lines.append(

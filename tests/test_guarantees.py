@@ -74,6 +74,29 @@ def test_few_step_is_two_endpoint_steps_by_hand():
     torch.testing.assert_close(got, x_hat, rtol=1e-5, atol=1e-6)
 
 
+def test_few_step_grid_power_puts_the_second_step_at_low_noise():
+    """``grid_power`` p: times (1 − i/N)^p. p = 2, N = 2: t = 1, ¼, 0 by hand (stochastic re-noising), and the
+    recipe's ``sample.grid_power`` reaches the sampler through the resolved settings."""
+    from apexctl.inference import ModelInfo, resolve_sample_settings
+    from apexctl.recipe import validate_recipe
+
+    alpha, beta, w = 0.5, -0.3, 0.7
+    model, e = LinearDenoiser(alpha, beta, w), [0.4, -1.1]
+    z = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+
+    def F(x: torch.Tensor, t: float) -> torch.Tensor:
+        return alpha * x + beta * t + w * torch.tensor(e).reshape(2, 1, 1, 1)
+
+    eps = torch.cat([torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(s)) for s in (10, 11)])
+    x_q = 0.25 * eps + 0.75 * (z - F(z, 1.0))
+    want = x_q - 0.25 * F(x_q, 0.25)
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11)]
+    got = sampler.generate(model, z, _cond(e), 2, "few", generator=gens, grid_power=2.0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    r = validate_recipe({"model": {"path": "tiny:digits"}, "sample": {"grid_power": 2.0}})
+    assert resolve_sample_settings(r, ModelInfo(distilled=True), steps=2).sampler_kwargs()["grid_power"] == 2.0
+
+
 def test_few_step_returns_the_data_point_of_an_exact_velocity():
     """A model whose velocity is exactly (x_t − x*)/t (the straight path to one data point x*) has x̂ = x* at every
     step: the few-step sampler returns x* for any number of steps and either re-noising."""

@@ -1,8 +1,9 @@
 """Samplers in our convention (docs/design.md §3, §5.5): t = 1 is noise, ``x̂ = x_t − t·F``, ``ẑ = x_t + (1−t)·F``.
 
 - ``one_step``:  x = z − F(z, 1, c)
-- ``few_step``:  times 1 = t_0 > … > t_N = 0; x̂ = x_t − t·F, then re-noise to the next time with fresh noise
-  (``stochastic``, drawn by ``randn_tensor``: row i from generator i) or the model's own ẑ (``deterministic``).
+- ``few_step``:  times t_i = (1 − i/N)^p (p = ``grid_power``; 1: uniform), 1 = t_0 > … > t_N = 0;
+  x̂ = x_t − t·F, then re-noise to the next time with fresh noise (``stochastic``, drawn by ``randn_tensor``: row i
+  from generator i) or the model's own ẑ (``deterministic``).
 - ``euler``:     the teacher: x ← x + (σ_{i+1} − σ_i)·v on the family's native σ schedule, with classifier-free
   guidance combined the way the family's stock pipeline does it.
 """
@@ -61,10 +62,13 @@ def few_step(
     steps: int,
     renoise: Renoise = "stochastic",
     generator: Generators = None,
+    grid_power: float = 1.0,
 ) -> torch.Tensor:
-    """N endpoint predictions on the uniform grid t_i = 1 − i/N, re-noised between them (``stochastic``: fresh
-    noise from ``generator``, one per row for batch-independent images; see ``randn_tensor``)."""
-    times = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    """N endpoint predictions on the grid t_i = (1 − i/N)^p, re-noised between them (``stochastic``: fresh
+    noise from ``generator``, one per row for batch-independent images; see ``randn_tensor``). p > 1 spends the
+    later steps at low noise, where they refine the one-step sample instead of redrawing it (p = 2, N = 2:
+    t = 1, 0.25, 0)."""
+    times = [u**grid_power for u in torch.linspace(1.0, 0.0, steps + 1).tolist()]
     x = z
     x_hat = z
     for t, t_next in zip(times[:-1], times[1:], strict=True):
@@ -119,13 +123,14 @@ def generate(
     guidance_scale: float = 1.0,
     renoise: Renoise = "stochastic",
     generator: Generators = None,
+    grid_power: float = 1.0,
 ) -> torch.Tensor:
     """One entry point for an explicit ``method`` (what ``auto`` means is decided once, in ``apexctl.inference``,
     which knows whether the model is a distilled student). ``uncond`` must have as many rows as ``cond``."""
     if method == "one":
         return one_step(backbone, z, cond)
     if method == "few":
-        return few_step(backbone, z, cond, steps, renoise, generator)
+        return few_step(backbone, z, cond, steps, renoise, generator, grid_power)
     if method == "euler":
         return euler(backbone, z, cond, steps, uncond=uncond, guidance_scale=guidance_scale)
     raise ValueError(f"sampler method {method!r}: expected one of one, few, euler")

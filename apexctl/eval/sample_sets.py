@@ -51,6 +51,7 @@ class SetSpec:
     renoise: str
     height: int
     width: int
+    grid_power: float = 1.0
 
     @property
     def label(self) -> str:
@@ -58,12 +59,14 @@ class SetSpec:
         return f"{self.role} {self.steps} step{'s' if self.steps > 1 else ''}{cfg}"
 
     def sampler_kwargs(self) -> dict:
-        keys = ("steps", "method", "guidance", "negative_prompt", "renoise", "height", "width")
+        keys = ("steps", "method", "guidance", "negative_prompt", "renoise", "height", "width", "grid_power")
         return {k: getattr(self, k) for k in keys}
 
 
 def _spec(role: str, model: str, s) -> SetSpec:
-    return SetSpec(role, model, s.steps, s.method, s.guidance, s.negative_prompt, s.renoise, s.height, s.width)
+    return SetSpec(
+        role, model, s.steps, s.method, s.guidance, s.negative_prompt, s.renoise, s.height, s.width, s.grid_power
+    )
 
 
 def student_spec(recipe: Recipe, steps: int) -> SetSpec:

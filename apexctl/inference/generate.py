@@ -43,6 +43,7 @@ def generate_latents(
     guidance: float = 1.0,
     uncond: Cond | None = None,
     renoise: Renoise = "stochastic",
+    grid_power: float = 1.0,
     batch: int = 64,
     quiet: bool = True,
     label: str = "sample",
@@ -68,7 +69,16 @@ def generate_latents(
             c = cond[i : i + batch].to(dev, dtype)
             u = u_all.expand(len(c)) if u_all is not None else None
             lat = sampler.generate(
-                backbone, z, c, steps, method=method, uncond=u, guidance_scale=guidance, renoise=renoise, generator=gens
+                backbone,
+                z,
+                c,
+                steps,
+                method=method,
+                uncond=u,
+                guidance_scale=guidance,
+                renoise=renoise,
+                generator=gens,
+                grid_power=grid_power,
             )
             out.append(lat.float().cpu())
             bar.advance(task, len(c))

@@ -48,6 +48,7 @@ class SampleSettings:
     guidance: float
     negative_prompt: str
     renoise: Renoise
+    grid_power: float
     seed: int
     batch: int
 
@@ -127,6 +128,7 @@ def resolve_sample_settings(
         guidance=guidance,
         negative_prompt=negative_prompt if negative_prompt is not None else spec.negative_prompt,
         renoise=renoise or spec.renoise,
+        grid_power=spec.grid_power,
         seed=seed if seed is not None else spec.seed,
         batch=batch or spec.batch,
     )
