@@ -593,3 +593,37 @@ def test_gan_term_on_a_separate_critic_adds_to_the_apex_loss(work):
     assert a.terms["fake"] == pytest.approx(b.terms["fake"], rel=1e-6)
     assert a.terms["fm"] == pytest.approx(b.terms["fm"], rel=1e-6)
     assert b.loss == pytest.approx(a.loss + 0.5 * (b.terms["gan_d"] + b.terms["gan_g"]), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "model"),
+    [
+        ("gan-ddp", {"objective": "apex_full", "target_time": "embed", "gan_weight": 0.5}, None),
+        ("gan-sep-ddp", {"critic": "separate", "gan_weight": 0.5}, {"lora": {"rank": 2, "init": "gaussian"}}),
+    ],
+)
+def test_gan_term_under_ddp(work, name, method, model):
+    """`--launch 2`: the GAN term on the self-critic (apex_full with the target-time input: its live critic pass
+    runs through the DDP module, the detached one beside it) and on a separate LoRA critic; both ranks checkpoint
+    equal parameters, the GAN head's and the target-time embedder's included (the trainer compares checksums and
+    refuses otherwise; the embedder, initialised from each rank's RNG stream, is broadcast from rank 0)."""
+    import os
+    import subprocess
+    import sys
+
+    r = _recipe(
+        work,
+        name,
+        method,
+        train={"steps": 2, "micro_batch": 4},
+        hardware={"processes": 2},
+        **({"model": model} if model else {}),
+    )
+    env = {**os.environ, "APEXCTL_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "apexctl", "distill", str(r), "--launch", "2", "-q"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = json.loads((work / name / "checkpoints" / "step-000002" / "COMPLETE").read_text())
+    assert info["world_size"] == 2 and info["param_checksums"][0] == info["param_checksums"][1]
+    rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/gan_d" in rows[-1]

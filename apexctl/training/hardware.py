@@ -85,6 +85,18 @@ def mean_over_ranks(acc, values: list[float]) -> list[float]:
     return (acc.reduce(t, reduction="sum") / acc.num_processes).tolist()
 
 
+@torch.no_grad()
+def broadcast_from_rank0(acc, module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers of ``module`` on every rank (what DDP does for the module it wraps; for the
+    trained parts outside it, initialised from rank-specific RNG streams)."""
+    if acc.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=0)
+
+
 def stop_everywhere(acc, requested: bool) -> bool:
     """A signal may reach only some ranks (e.g. a SIGTERM to rank 0): all ranks stop at the same step."""
     if acc.num_processes == 1:

@@ -29,7 +29,7 @@ from apexctl.training.closures import (
     make_reference,
 )
 from apexctl.training.grids import sample_rows
-from apexctl.training.hardware import check_world
+from apexctl.training.hardware import broadcast_from_rank0, check_world
 from apexctl.training.objectives import build_objective
 from apexctl.training.optim import make_optimizer, make_schedule
 from apexctl.training.state import Session, StepCounter
@@ -129,8 +129,9 @@ def setup(recipe: Recipe, acc) -> Session:
         wrapped, opt = acc.prepare(transformer, opt)
         backbone.set_forward_module(wrapped)
         shift.to(acc.device)
-        if tt_embed is not None:
+        if tt_embed is not None:  # initialised from each rank's own RNG stream: rank 0's everywhere
             tt_embed.to(acc.device)
+            broadcast_from_rank0(acc, tt_embed)
         if head is not None:
             head.to(acc.device)
         backbone.to(acc.device)
