@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, method, guidance in plan:
         k = int(str(key).rstrip("p"))
         s = resolve_sample_settings(recipe, info, steps=k, method=method, guidance=guidance, batch=256)
-        if str(key).endswith("p"):
-            s = replace(s, grid_power=2.0)
+        s = replace(s, grid_power=2.0 if str(key).endswith("p") else 1.0)  # rows 2, 4: the uniform grid, always
         sc = ev.score(generate_images(model, ev.texts, seeds, quiet=True, **s.sampler_kwargs()))
         res[str(key)] = {
             "fd": round(sc["fd"], 2),
