@@ -99,6 +99,12 @@ class _Schedules(_Strict):
     warm_start_cache: str | None = Field(
         None, description="the synthesised cache of the warm start (default: data.cache_dir, which must have seeds)"
     )
+    gan_lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="learning rate of the GAN head, a fresh module (null: train.lr; Adam's steps do not scale with "
+        "gan_weight, so a small train.lr leaves the head at chance)",
+    )
     rectify_warmup: int = Field(
         0,
         ge=0,

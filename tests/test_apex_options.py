@@ -573,8 +573,10 @@ def test_gan_term_trains_the_head_and_resumes_exactly(work):
     full, _ = _uninterrupted_equals_resumed(work, "gan", method)
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/gan_d", "loss/gan_g", "loss/gan_real_acc", "loss/gan_fake_acc"} <= set(rows[-1])
-    sess = _session(work, "gan-head", method)
+    sess = _session(work, "gan-head", {**method, "gan_lr": 0.01})
     head = sess.objective.keywords["gan"].head
+    group = next(g for g in sess.opt.param_groups if g["params"][0] is next(head.parameters()))
+    assert group["lr"] == 0.01 and group["weight_decay"] == 0.0  # the head's own lr (train.lr is 1e-3)
     before = {n: p.detach().clone() for n, p in head.named_parameters()}
     from apexctl.training.step import train_step
 

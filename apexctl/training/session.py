@@ -117,9 +117,7 @@ def setup(recipe: Recipe, acc) -> Session:
         with torch.random.fork_rng(devices=[]):  # its own init RNG: the other draws match a run without it
             torch.manual_seed(tr.seed)
             head = GanHead(backbone.feature_dim())
-        groups.append(
-            {"params": list(head.parameters()), "lr": getattr(m, "critic_lr", None) or tr.lr, "weight_decay": 0.0}
-        )
+        groups.append({"params": list(head.parameters()), "lr": m.gan_lr or tr.lr, "weight_decay": 0.0})
     opt = make_optimizer(recipe, groups)
     sched = make_schedule(recipe, opt)
     if fsdp:  # not through acc.prepare (it would wrap the model in DDP); checkpoints go through fsdp.OptimizerState
