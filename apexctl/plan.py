@@ -184,8 +184,10 @@ def describe_plan(r: Recipe) -> str:
     eq = _EQUATIONS[m.objective].format(**m.model_dump())
     lines.append(f"objective  {m.objective}: {eq}")
     if m.objective == "apex" and m.critic == "separate":
-        copy = "a second LoRA adapter on the shared frozen base" if r.model.lora else "a separate copy of the denoiser"
-        lines.append(f"           critic: {copy} (L_fake with the real condition; not exported)")
+        copy = " (with LoRA: a second adapter on the shared frozen base)" if r.model.lora else ""
+        lines.append(
+            f"           critic: separate copy of the denoiser{copy} (L_fake with the real condition; not exported)"
+        )
     if getattr(m, "warm_start_steps", 0) > 0:
         pairs = m.warm_start_cache or r.data.cache_dir
         lines.append(

@@ -87,30 +87,39 @@ class _NoReference:
         return {"self"}
 
 
-class _Schedules(_Strict):
-    """Trainer-side stabilisers of the distillation objectives (``apex``, ``apex_full``), read by the step loop."""
-
-    warm_start_steps: int = Field(
-        0,
+#: the trainer-side stabilisers of ``apex`` and ``apex_full`` (read by the step loop, not the loss functions)
+WarmStartSteps = Annotated[
+    int,
+    Field(
         ge=0,
         description="the first N steps regress the one-step map on the teacher's (noise, sample) pairs of a "
         "synthesised cache: ‖F(z, 1, c) − (z − x)‖² (DMD2's regression warm start; needs recorded seeds)",
-    )
-    warm_start_cache: str | None = Field(
-        None, description="the synthesised cache of the warm start (default: data.cache_dir, which must have seeds)"
-    )
-    gan_lr: float | None = Field(
-        None,
-        gt=0.0,
-        description="learning rate of the GAN head, a fresh module (null: train.lr; Adam's steps do not scale with "
-        "gan_weight, so a small train.lr leaves the head at chance)",
-    )
-    rectify_warmup: int = Field(
-        0,
+    ),
+]
+WarmStartCache = Annotated[
+    str | None,
+    Field(description="the synthesised cache of the warm start (default: data.cache_dir, which must have seeds)"),
+]
+RectifyWarmup = Annotated[
+    int,
+    Field(
         ge=0,
         description="critic warm-up: the generator's adversarial weight (rectify_weight) ramps linearly from 0 over "
         "N steps after the warm start",
-    )
+    ),
+]
+GanLr = Annotated[
+    float | None,
+    Field(
+        gt=0.0,
+        description="learning rate of the GAN head, a fresh module (null: train.lr; Adam's steps do not scale with "
+        "gan_weight, so a small train.lr leaves the head at chance)",
+    ),
+]
+
+
+class _Schedules:
+    """What the step loop asks of ``apex`` / ``apex_full`` (their ``warm_start_steps`` and ``rectify_warmup``)."""
 
     def rectify_scale(self, step: int) -> float:
         """The ramp factor of the rectify weight at optimizer step ``step`` (0-based)."""
@@ -135,7 +144,7 @@ class FlowMatchingMethod(_NoReference, _Strict):
         return FlowMatchingConfig(time=self.time.sampler(_FM.time.t_max))
 
 
-class ApexMethod(_Schedules):
+class ApexMethod(_Schedules, _Strict):
     """``apex`` (docs/design.md §5.2): the shifted branch as the model's own critic."""
 
     objective: Literal["apex"] = "apex"
@@ -183,6 +192,10 @@ class ApexMethod(_Schedules):
         description="N > 1: generator rows also train at τ ∈ {(N−1)/N, …, 1/N} on the student's re-noised samples "
         "(sample with sample.method: few, sample.steps: N)",
     )
+    warm_start_steps: WarmStartSteps = 0
+    warm_start_cache: WarmStartCache = None
+    rectify_warmup: RectifyWarmup = 0
+    gan_lr: GanLr = None
 
     @property
     def references(self) -> set[str]:
@@ -239,7 +252,7 @@ class ApexPaperMethod(_NoReference, _Strict):
 _REFERENCES = Literal["self", "ema", "base"]
 
 
-class ApexFullMethod(_Schedules):
+class ApexFullMethod(_Schedules, _Strict):
     """``apex_full`` (docs/design.md §5.6): the released objective (TwinFlow's groups, RCGM, Barron, time
     weighting) with the condition shift marking the fake branch."""
 
@@ -283,6 +296,10 @@ class ApexFullMethod(_Schedules):
         description="embed: a trained target-time embedder e(tt) (e(0) = 0) added to the time embedding in "
         "training; the export is the stock module (exact at tt = 0, how the one/few-step samplers call it)",
     )
+    warm_start_steps: WarmStartSteps = 0
+    warm_start_cache: WarmStartCache = None
+    rectify_warmup: RectifyWarmup = 0
+    gan_lr: GanLr = None
 
     @property
     def critic(self) -> Literal["shifted"]:

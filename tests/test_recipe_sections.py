@@ -160,6 +160,7 @@ def test_every_knob_of_a_section_reaches_the_engine_config(objective):
     section, _ = ENGINE[objective]
     trainer_keys = {"objective", "shift", "reference", "critic", "target_reference", "target_time"}
     trainer_keys |= {"critic_updates", "critic_lr", "critic_max_grad_norm"}  # the trainer's, not the loss function's
+    trainer_keys |= {"warm_start_steps", "warm_start_cache", "rectify_warmup", "gan_lr"}
     base = section().config()
     changed = {"time": {"kind": "beta"}, "critic_time": {"kind": "logit_normal"}, "delta_clip": None}
     changed |= {"fake_grad": False, "fake_noise": "shared", "weighting": "uniform", "generator_steps": 3}

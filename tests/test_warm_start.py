@@ -93,22 +93,24 @@ def work(tmp_path_factory):
 
 def test_pairs_rebuild_the_teachers_noise_exactly(work):
     """z from the recorded seed, run through the teacher's synthesis sampler, gives the cached latent x."""
-    from apexctl.data.cache import LatentCache
+    from apexctl.data.cache import LatentCache, PairSampler
     from apexctl.engine import sampler
     from apexctl.models import load_backbone, resolve_model_path
     from apexctl.training.warm_start import WarmStartPairs
 
     cache = LatentCache.open(work / "cache-syn")
-    ident = {k: cache.manifest[k] for k in ("family", "model_fingerprint")}
-    pairs = WarmStartPairs.open(work / "cache-syn", cache, ident, seed=0, key="k")
+
+    def open_pairs() -> WarmStartPairs:
+        return WarmStartPairs(cache, PairSampler(len(cache), seed=0), cache.latent_shape, key="k")
+
+    pairs = open_pairs()
     x, z, cond = pairs.batch(5, rank=0, world=1)
     bb = load_backbone(resolve_model_path(TINY))
     uncond = bb.encode_prompts([""]).expand(len(x))
     again = sampler.generate(bb, z, cond, SYNTH["steps"], "euler", uncond=uncond, guidance_scale=SYNTH["guidance"])
     assert torch.allclose(again, x, atol=1e-5)
     # rank r of W takes rows r::W of the same draw
-    p1 = WarmStartPairs.open(work / "cache-syn", cache, ident, seed=0, key="k")
-    p2 = WarmStartPairs.open(work / "cache-syn", cache, ident, seed=0, key="k")
+    p1, p2 = open_pairs(), open_pairs()
     x0, z0, _ = p1.batch(2, rank=0, world=2)
     x1, z1, _ = p2.batch(2, rank=1, world=2)
     assert torch.equal(torch.stack([x0, x1], 1).flatten(0, 1), x[:4]) and torch.equal(z1, z[1:4:2])

@@ -168,16 +168,7 @@ def setup(recipe: Recipe, acc) -> Session:
     empty = cache.prompt_index("") if (recipe.data.cond_dropout > 0 or guided_ref) else None
     warm = None
     if getattr(m, "warm_start_steps", 0) > 0:  # the regression warm start's pairs (their own checkpointed order)
-        from apexctl.training.warm_start import WarmStartPairs
-
-        ident = cache_identity(recipe, model_dir, backbone.family)
-        warm = WarmStartPairs.open(
-            m.warm_start_cache or recipe.data.cache_dir,
-            cache,
-            {k: ident[k] for k in ("family", "model_fingerprint")},
-            seed=tr.seed,
-            key="method.warm_start_cache" if m.warm_start_cache else "method.warm_start_steps (data.cache_dir)",
-        )
+        warm = _warm_start_pairs(recipe, cache, model_dir, backbone.family)
     counter = StepCounter()
     # the registration order is the checkpoint layout (custom_checkpoint_I.pkl): append, never reorder
     for obj in (sched, sampler, counter, shift) + ((ema,) if ema is not None else ()):
@@ -223,6 +214,27 @@ def setup(recipe: Recipe, acc) -> Session:
     if tr.sample_every is not None:
         sess.sample_rows = sample_rows(tr.sample_prompts, cache)
     return sess
+
+
+def _warm_start_pairs(recipe: Recipe, cache: LatentCache, model_dir: Path, family: str):
+    """The warm start's pair cache (``method.warm_start_cache``, else the training cache), from the same model
+    (family and fingerprint, as the training cache's manifest checks), with its own data order."""
+    from apexctl.data.cache import MANIFEST
+    from apexctl.data.prepare import cache_identity
+    from apexctl.training.warm_start import WarmStartPairs
+
+    m = recipe.method
+    root = Path(m.warm_start_cache or recipe.data.cache_dir)
+    key = "method.warm_start_cache" if m.warm_start_cache else "method.warm_start_steps (data.cache_dir)"
+    pairs = cache
+    if root.resolve() != cache.root.resolve():
+        if not (root / MANIFEST).is_file():
+            raise BadInput(f"{key}: {root} is not a prepared cache (no {MANIFEST}); run `apexctl prepare` for it")
+        pairs = LatentCache.open(root)
+        ident = cache_identity(recipe, model_dir, family)
+        pairs.check({k: ident[k] for k in ("family", "model_fingerprint")})
+    sampler = PairSampler(len(pairs), seed=recipe.train.seed, buckets=pairs.pair_buckets)
+    return WarmStartPairs(pairs, sampler, cache.latent_shape, key)
 
 
 def export(sess: Session) -> None:

@@ -3,52 +3,38 @@
 ``prepare`` with ``data.synthesize`` records the seed of every image it draws; image k's starting noise is the first
 draw of ``torch.Generator().manual_seed(seed_k)`` (:func:`apexctl.inference.generate.seeded_noise`), so the pair
 (z_k, x_k) is rebuilt exactly, with no noise stored. The pairs are read in their own resumable order (a second
-:class:`~apexctl.data.cache.PairSampler`, checkpointed), never with classifier-free dropout: x_k is the teacher's
-sample for its own prompt.
+``PairSampler``, checkpointed), never with classifier-free dropout: x_k is the teacher's sample for its own prompt.
+The session opens the cache and its sampler (it alone imports the data package); this module checks and reads them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import torch
 
-from apexctl.data.cache import MANIFEST, LatentCache, PairSampler
 from apexctl.engine.cond import Cond
 from apexctl.errors import BadInput
 from apexctl.inference.generate import seeded_noise
 
 
 class WarmStartPairs:
-    """(x, z, c) batches of teacher pairs from ``cache``; ``sampler`` is its checkpointed data order."""
+    """(x, z, c) batches of teacher pairs from ``cache`` (a ``LatentCache``) in ``sampler``'s order (a checkpointed
+    ``PairSampler`` over its pairs)."""
 
-    def __init__(self, cache: LatentCache, seed: int) -> None:
-        self.cache = cache
-        self.sampler = PairSampler(len(cache), seed=seed, buckets=cache.pair_buckets)
-
-    @classmethod
-    def open(cls, root: str | Path, train_cache: LatentCache, identity: dict, seed: int, key: str) -> WarmStartPairs:
-        """The pair cache at ``root``, checked: the model that encoded it (``identity``: family and fingerprint, as
-        in the training cache's manifest), recorded seeds, and the training cache's latent shape."""
-        if Path(root).resolve() == train_cache.root.resolve():
-            cache = train_cache
-        elif not (Path(root) / MANIFEST).is_file():
-            raise BadInput(f"{key}: {root} is not a prepared cache (no {MANIFEST}); run `apexctl prepare` for it")
-        else:
-            cache = LatentCache.open(root)
-            cache.check(identity)
+    def __init__(self, cache: Any, sampler: Any, train_shape: tuple[int, ...], key: str) -> None:
         if not cache.has_seeds:
             raise BadInput(
                 f"{key}: the cache {cache.root} has no recorded synthesis seeds, so the teacher's noise cannot be "
                 "rebuilt; point method.warm_start_cache at a cache prepared with data.source: prompts and "
                 "data.synthesize"
             )
-        if cache.latent_shape != train_cache.latent_shape:
+        if tuple(cache.latent_shape) != tuple(train_shape):
             raise BadInput(
                 f"{key}: the cache {cache.root} has latents {list(cache.latent_shape)}, the training cache "
-                f"{list(train_cache.latent_shape)}; prepare it with the training recipe's model and resolution"
+                f"{list(train_shape)}; prepare it with the training recipe's model and resolution"
             )
-        return cls(cache, seed)
+        self.cache, self.sampler = cache, sampler
 
     def batch(self, n: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, Cond]:
         """This rank's rows ``rank::world`` of the next ``n·world`` pairs: data x, its noise z, its condition."""
