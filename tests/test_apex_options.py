@@ -325,6 +325,18 @@ def work(tmp_path_factory):
     mp.undo()
 
 
+def _distill_on_two_processes(work: Path, recipe: Path) -> None:
+    """``apexctl distill RECIPE --launch 2`` (DDP over gloo) in a subprocess; it must succeed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "APEXCTL_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "apexctl", "distill", str(recipe), "--launch", "2", "-q"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def _session(work: Path, name: str, method: dict, model: dict | None = None):
     from apexctl.recipe import load_recipe
     from apexctl.training.hardware import make_accelerator
@@ -437,10 +449,6 @@ def test_separate_critic_under_ddp_stays_replicated(work):
     """`--launch 2` (DDP over gloo): the critic lives outside the DDP module; it starts from the broadcast model
     (LoRA adapters are initialised per rank) and its gradients are averaged by hand, so both ranks hold the same
     critic at the checkpoint (the trainer compares parameter checksums, critic included, and refuses otherwise)."""
-    import os
-    import subprocess
-    import sys
-
     r = _recipe(
         work,
         "critic-ddp",
@@ -449,10 +457,7 @@ def test_separate_critic_under_ddp_stays_replicated(work):
         train={"steps": 2, "micro_batch": 2},
         hardware={"processes": 2},
     )
-    env = {**os.environ, "APEXCTL_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "apexctl", "distill", str(r), "--launch", "2", "-q"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    _distill_on_two_processes(work, r)
     from apexctl.training.checkpoint import param_checksum
 
     ck = work / "critic-ddp" / "checkpoints" / "step-000002"
@@ -609,10 +614,6 @@ def test_gan_term_under_ddp(work, name, method, model):
     runs through the DDP module, the detached one beside it) and on a separate LoRA critic; both ranks checkpoint
     equal parameters, the GAN head's and the target-time embedder's included (the trainer compares checksums and
     refuses otherwise; the embedder, initialised from each rank's RNG stream, is broadcast from rank 0)."""
-    import os
-    import subprocess
-    import sys
-
     r = _recipe(
         work,
         name,
@@ -621,10 +622,7 @@ def test_gan_term_under_ddp(work, name, method, model):
         hardware={"processes": 2},
         **({"model": model} if model else {}),
     )
-    env = {**os.environ, "APEXCTL_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "apexctl", "distill", str(r), "--launch", "2", "-q"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
+    _distill_on_two_processes(work, r)
     info = json.loads((work / name / "checkpoints" / "step-000002" / "COMPLETE").read_text())
     assert info["world_size"] == 2 and info["param_checksums"][0] == info["param_checksums"][1]
     rows = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()]

@@ -101,7 +101,6 @@ def gan_term(
     s: torch.Tensor,
     z_real: torch.Tensor,
     z_fake: torch.Tensor,
-    fake_mask: torch.Tensor | None = None,
     **kw: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DMD2's GAN term, ``L_D + L_G`` (:func:`gan_losses`), and its terms by name (all detached)::
@@ -113,20 +112,11 @@ def gan_term(
     ``x_real [B, C, h, w]`` data latents; ``x_fake`` the generator's one-step samples x̂ = z − F(z, 1, c) WITH their
     graph; ``s [B]`` critic times; ``z_*`` noises. The two D-side rows go through one ``features`` call of 2B rows;
     the G-side call has ``detach_weights=True`` and the head's parameters detached, so L_G moves only the generator.
-    ``fake_mask`` (bool ``[B]``, None: all): the rows that take part; with none selected the loss is an exact zero
-    connected to the head and x̂ (no critic forward runs, so the critic's weights get no gradient that step).
-
+    The caller passes only the rows that take part (``apex_full``: its e2e rows).
     ``kw`` (per-row tensors, e.g. ``apex_full``'s target time) goes to every ``features`` call.
     Terms: ``gan_d``, ``gan_g``, ``gan_real_acc`` (fraction of real logits > 0), ``gan_fake_acc`` (fraction of the
     D-side fake logits < 0).
     """
-    if fake_mask is not None:
-        rows = fake_mask.nonzero().flatten()
-        if rows.numel() == 0:
-            return _zero_term(head, x_fake)
-        x_real, x_fake, z_real, z_fake = (v[rows] for v in (x_real, x_fake, z_real, z_fake))
-        cond, s = cond[rows], s[rows]
-        kw = {k: v[rows] for k, v in kw.items()}
     n = x_real.shape[0]
     u_real = interpolate(x_real, z_real, s)
     u_fake = interpolate(x_fake, z_fake, s)
@@ -145,10 +135,3 @@ def gan_term(
         "gan_fake_acc": (fake_logits.detach() < 0).float().mean(),
     }
     return loss_d + loss_g, terms
-
-
-def _zero_term(head: GanHead, x_fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """An exact zero connected to the head's parameters and to x̂ (no row selected)."""
-    zero = x_fake.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0
-    nil = zero.detach()
-    return zero, {"gan_d": nil, "gan_g": nil, "gan_real_acc": nil, "gan_fake_acc": nil}

@@ -51,9 +51,9 @@ def train_step(sess: Session) -> StepOut:
     # two time scales (method.critic_updates = N > 1): the critic trains every step, the generator every N-th
     m, done = sess.recipe.method, sess.counter.step
     n_critic = getattr(m, "critic_updates", 1)
-    phase: dict = {"phase": "critic"} if n_critic > 1 and (done + 1) % n_critic else {}
+    sched: dict = {"phase": "critic"} if n_critic > 1 and (done + 1) % n_critic else {}
     if getattr(m, "rectify_warmup", 0) > 0:  # critic warm-up: the generator's adversarial weight ramps from 0
-        phase["rectify_scale"] = m.rectify_scale(done)
+        sched["rectify_scale"] = m.rectify_scale(done)
     warm = sess.warm_start is not None and done < m.warm_start_steps  # regression on the teacher's pairs
     terms_sum: dict[str, float] = {}
     loss_sum = 0.0
@@ -74,7 +74,7 @@ def train_step(sess: Session) -> StepOut:
                 out: LossOut = regression(sess.net, x, z, cond)
             else:
                 extra = {"uncond": cache.cond(torch.full((len(x),), empty)).to(acc.device)} if sess.guided_ref else {}
-                out = sess.objective(sess.net, x, cond, **extra, **phase)
+                out = sess.objective(sess.net, x, cond, **extra, **sched)
             acc.backward(out.loss / tr.grad_accum)
         loss_sum += float(out.loss.detach()) / tr.grad_accum
         for k, v in out.terms.items():
