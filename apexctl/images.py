@@ -41,6 +41,13 @@ def to_uint8(images: ImageLike) -> np.ndarray:
     return np.ascontiguousarray(u8.transpose(0, 2, 3, 1))
 
 
+def load_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """A PNG written by ``save_png`` back as ``[3, H, W]`` in [−1, 1] (``to_uint8`` of it gives the file's pixels)."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
 def _upscale(arr: np.ndarray, upscale: int) -> np.ndarray:
     """Nearest-neighbour upscale of ``[H, W, 3]`` by an integer factor."""
     if upscale < 1:

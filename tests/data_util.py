@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +145,65 @@ def save_random_lora(model: str, dest: Path, seed: int = 0) -> Path:
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
     return bb.save_lora(dest)
+
+
+#: put on a subprocess's PYTHONPATH as sitecustomize: APEXCTL_TEST_SIGNAL="RANK:MODULE:ATTR:CALL:SIGNAL" makes the
+#: process of that RANK (absent: 0) send SIGNAL to itself when MODULE.ATTR (a function or Class.method) is called
+#: for the CALL-th time, before that call runs. A real signal at a point that does not depend on the machine's speed.
+SIGNAL_HOOK = """
+import os
+
+_spec = os.environ.get("APEXCTL_TEST_SIGNAL")
+# (a launcher has no RANK either: it wraps the function too, and never calls it)
+if _spec and os.environ.get("RANK", "0") == _spec.split(":")[0]:
+    import functools
+    import importlib
+    import signal
+
+    _rank, _module, _attr, _call, _name = _spec.split(":")
+    _owner = importlib.import_module(_module)
+    *_path, _leaf = _attr.split(".")
+    for _p in _path:
+        _owner = getattr(_owner, _p)
+    _real, _calls = getattr(_owner, _leaf), [0]
+
+    @functools.wraps(_real)
+    def _wrapped(*args, **kwargs):
+        _calls[0] += 1
+        if _calls[0] == int(_call):
+            os.kill(os.getpid(), getattr(signal, _name))
+        return _real(*args, **kwargs)
+
+    setattr(_owner, _leaf, _wrapped)
+"""
+
+
+def run_apexctl(
+    args: list, home: Path, *, signal_at: str | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """``python -m apexctl ARGS`` in a subprocess (``APEXCTL_HOME=home``); ``signal_at`` as SIGNAL_HOOK reads it. A
+    hang (a rank waiting on a collective) is killed with all the processes it started."""
+    env = {**os.environ, "APEXCTL_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("APEXCTL_TEST_SIGNAL", None)
+    if signal_at is not None:
+        hook = Path(home) / "signal-hook"
+        hook.mkdir(parents=True, exist_ok=True)
+        (hook / "sitecustomize.py").write_text(SIGNAL_HOOK)
+        env["APEXCTL_TEST_SIGNAL"] = signal_at
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, "-m", "apexctl", *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil  # accelerate's dependency
+
+        # the launcher and its ranks (torch starts each rank in a session of its own, holding our pipes)
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -247,14 +247,14 @@ def test_every_command_resolves_the_same_settings(run, spy, tmp_path):
 def test_sample_honours_the_recipes_width_seed_and_batch(run, spy, tmp_path):
     _ok(["sample", "a", "b", "--model", run / "model", "-n", 2, "--out", tmp_path / "s", "-q",
          "--set", "sample.width=16"])  # fmt: skip
-    (call,) = spy
-    assert (call["height"], call["width"], call["batch"], call["seeds"]) == (8, 16, 3, [5, 6, 5, 6])
+    assert [c["seeds"] for c in spy] == [[5, 6, 5], [6]]  # one call per unit of sample.batch = 3 images
+    assert all((c["height"], c["width"], c["batch"]) == (8, 16, 3) for c in spy)
     assert sorted(p.name for p in (tmp_path / "s").glob("0*.png"))[0].endswith("_seed5.png")
     assert json.loads((tmp_path / "s" / "samples.json").read_text())["width"] == 16
     # a command option wins over the recipe
     _ok(["sample", "a", "--model", run / "model", "-n", 1, "--out", tmp_path / "t", "-q", "--seed", 9,
          "--batch", 1, "--size", 16])  # fmt: skip
-    assert (spy[1]["height"], spy[1]["width"], spy[1]["batch"], spy[1]["seeds"]) == (16, 16, 1, [9])
+    assert (spy[2]["height"], spy[2]["width"], spy[2]["batch"], spy[2]["seeds"]) == (16, 16, 1, [9])
 
 
 def test_sample_finds_the_run_of_a_model_folder(run, tmp_path):

@@ -10,37 +10,14 @@ step starts. A real signal to a real process, at a step that does not depend on 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from data_util import EMA_RUN, digits_recipe, metrics, ok
+from data_util import EMA_RUN, digits_recipe, metrics, ok, run_apexctl
 from safetensors.torch import load_file
-
-HOOK = """
-import os
-
-_spec = os.environ.get("APEXCTL_TEST_SIGNAL")  # "RANK:STEP:SIGNAL"
-if _spec and os.environ.get("RANK", "0") == _spec.split(":")[0]:
-    import signal
-
-    import apexctl.training.loop as _loop
-
-    _rank, _step, _name = _spec.split(":")
-    _real, _calls = _loop.train_step, [0]
-
-    def _train_step(sess):
-        _calls[0] += 1
-        if _calls[0] == int(_step):  # the step has started: the handler runs before it computes anything
-            os.kill(os.getpid(), getattr(signal, _name))
-        return _real(sess)
-
-    _loop.train_step = _train_step
-"""
 
 
 def _recipe(tmp: Path, name: str, **sections) -> Path:
@@ -53,8 +30,6 @@ def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("signals")
     mp = pytest.MonkeyPatch()
     mp.setenv("APEXCTL_HOME", str(tmp / "home"))
-    (tmp / "hook").mkdir()
-    (tmp / "hook" / "sitecustomize.py").write_text(HOOK)
     ok(["prepare", str(_recipe(tmp, "prep")), "-q"])
     yield tmp
     mp.undo()
@@ -63,35 +38,11 @@ def workdir(tmp_path_factory):
 def _run(
     workdir: Path, args: list[str], signal_at: str | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess:
-    """``python -m apexctl ARGS``; ``signal_at``: RANK:STEP:SIGNAL. A hang (a rank waiting on a collective) is
-    killed with all the processes it started."""
-    env = {
-        **os.environ,
-        "APEXCTL_HOME": str(workdir / "home"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    env.pop("APEXCTL_TEST_SIGNAL", None)
+    """``python -m apexctl ARGS``; ``signal_at``: RANK:STEP:SIGNAL, the signal sent when that training step starts."""
     if signal_at is not None:
-        env["APEXCTL_TEST_SIGNAL"] = signal_at
-        env["PYTHONPATH"] = os.pathsep.join([str(workdir / "hook"), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apexctl", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        import psutil  # accelerate's dependency
-
-        # the launcher and its ranks (torch starts each rank in a session of its own, holding our pipes)
-        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(args)}\n{out}\n{err}") from None
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+        rank, step, name = signal_at.split(":")
+        signal_at = f"{rank}:apexctl.training.loop:train_step:{step}:{name}"
+    return run_apexctl(args, workdir / "home", signal_at=signal_at, timeout=timeout)
 
 
 def _ckpt_weights(run: Path, step: int) -> dict[str, torch.Tensor]:

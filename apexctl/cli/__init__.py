@@ -23,6 +23,9 @@ __all__ = ["app", "eval_app", "handle_errors", "main"]
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import apexctl.launch
+
+    apexctl.launch.ARGV = sys.argv[1:]  # what `--launch N` re-runs on every rank
     try:
         app()
     except ApexError as exc:  # errors raised outside a command body

@@ -25,6 +25,28 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="override a recipe value, e.g. --set train.steps=100 (repeatable)"),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+LaunchOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--launch",
+        min=1,
+        help="run on N local processes (re-executes under `accelerate launch`; multi-node: `accelerate launch` "
+        "yourself); the work is split across them and the result is the same as on one",
+    ),
+]
+
+
+def relaunched(launch: int | None) -> bool:
+    """Run this command on ``launch`` processes when asked (True: done, the caller returns); exit with the
+    launcher's status when a rank failed."""
+    if launch is None or launch < 2:
+        return False
+    from apexctl.launch import relaunch
+
+    rc = relaunch(launch, echo=lambda m: typer.echo(m, err=True))
+    if rc != 0:
+        raise typer.Exit(rc)
+    return True
 
 
 def _fail(exc: ApexError) -> typer.Exit:

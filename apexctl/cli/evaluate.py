@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.cli.common import QuietOpt, eval_app, handle_errors
+from apexctl.cli.common import LaunchOpt, QuietOpt, eval_app, handle_errors, relaunched
 
 RunArg = Annotated[
     Optional[Path], typer.Argument(help="a run folder (output.dir): its student/teacher and where eval/ is written")
@@ -59,9 +59,12 @@ def eval_fid(
     seed: SeedOpt = 0,
     batch: BatchOpt = 16,
     out: Annotated[Optional[Path], typer.Option("--out", help="summary JSON (default RUN/eval/fid.json)")] = None,
+    launch: LaunchOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """FID (torchmetrics, FID Inception-v3) of generated vs reference images; either side a folder or drawn from RUN."""
+    if relaunched(launch):
+        return
     from apexctl.eval.fid.run import run_eval_fid
 
     run_eval_fid(
@@ -105,9 +108,12 @@ def eval_clip_score(
     out: Annotated[
         Optional[Path], typer.Option("--out", help="summary JSON (default RUN/eval/clip_score.json)")
     ] = None,
+    launch: LaunchOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """CLIP score (torchmetrics) of images against their prompts: --images folders, or the run's student on --prompts."""
+    if relaunched(launch):
+        return
     from apexctl.eval.clip.run import run_eval_clip_score
 
     run_eval_clip_score(

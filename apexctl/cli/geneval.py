@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.cli.common import QuietOpt, SetOpt, _recipe, eval_app, handle_errors
+from apexctl.cli.common import LaunchOpt, QuietOpt, SetOpt, _recipe, eval_app, handle_errors, relaunched
 from apexctl.errors import BadInput
 
 
@@ -57,9 +57,12 @@ def eval_geneval(
     out: Annotated[Optional[Path], typer.Option("--out", help="results folder (default: the image folder)")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cuda | cpu (default: cuda if present)")] = None,
     set_: SetOpt = None,
+    launch: LaunchOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """GenEval: the 553 prompts × 4 images (resumable), scored as the reference does; per-task table like Table 2."""
+    """GenEval: the 553 prompts × 4 images (resumable), scored as the reference does; per-task table like Table 2.
+
+    With --launch N the images are drawn on N processes (the same images as on one); rank 0 scores them."""
     from apexctl.eval.geneval.prompts import parse_prompt_selection
     from apexctl.eval.geneval.run import check_scoring_inputs, score_geneval
     from apexctl.eval.geneval.score import Options
@@ -73,6 +76,11 @@ def eval_geneval(
     opts = Options.parse(option)
     if score:  # before generation: a missing weight folder should not surface hours later
         check_scoring_inputs(detector=detector, detections=detections, clip=clip, selection=selection)
+    if generate and relaunched(launch):
+        return
+    from apexctl.ranks import job_ranks
+
+    ranks = job_ranks(device)
     name = None
     if generate:
         from apexctl.eval.geneval.generate import generate_geneval
@@ -121,12 +129,14 @@ def eval_geneval(
             settings=settings,
             per_prompt=per_prompt,
             sample=s,
+            ranks=ranks,
             quiet=quiet,
         )
-        typer.echo(f"geneval images in {images}: {stats['generated']} generated, {stats['kept']} kept")
+        if ranks.main:
+            typer.echo(f"geneval images in {images}: {stats['generated']} generated, {stats['kept']} kept")
     elif images is None:
         raise BadInput("--images DIR is needed with --no-generate")
-    if score:
+    if score and ranks.main:
         score_geneval(
             images,
             selection=selection,

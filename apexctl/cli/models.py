@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.cli.common import QuietOpt, SetOpt, _recipe, app, handle_errors
+from apexctl.cli.common import LaunchOpt, QuietOpt, SetOpt, _recipe, app, handle_errors, relaunched
 from apexctl.errors import BadInput, read_text
 
 
@@ -57,6 +57,7 @@ def sample(
         Optional[int], typer.Option("--batch", min=1, help="images per forward pass (default: recipe sample.batch)")
     ] = None,
     set_: SetOpt = None,
+    launch: LaunchOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate images (PNG per image + grid.png). Model: --model, --recipe, or the newest run under ./runs."""
@@ -73,6 +74,8 @@ def sample(
     from apexctl.inference.settings import check_method
 
     check_method(method, guidance)  # before anything loads
+    if relaunched(launch):
+        return
     r, model = locate(_recipe(recipe, set_) if recipe is not None else None, model, set_)
     folder, _ = run_sample(
         texts,
@@ -88,7 +91,10 @@ def sample(
         seed=seed,
         batch=batch,
     )
-    typer.echo(f"wrote {len(texts) * num_images} images and grid.png to {folder}")
+    from apexctl.launch import is_rank_zero
+
+    if is_rank_zero():
+        typer.echo(f"wrote {len(texts) * num_images} images and grid.png to {folder}")
 
 
 @app.command("merge-lora")

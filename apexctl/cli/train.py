@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.cli.common import QuietOpt, RecipeArg, SetOpt, _recipe, app, handle_errors
+from apexctl.cli.common import LaunchOpt, QuietOpt, RecipeArg, SetOpt, _recipe, app, handle_errors, relaunched
 
 
 @app.command()
@@ -22,12 +22,15 @@ def prepare(
     verify: Annotated[
         bool, typer.Option("--verify", help="check every cache file's sha256 against the manifest; encode nothing")
     ] = False,
+    launch: LaunchOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Encode the recipe's data source (prompts + images) once into the latent cache (data.cache_dir).
 
-    Resumable: rerun after an interruption and only the unfinished shards are written."""
+    Resumable: rerun after an interruption (with any --launch) and only the unfinished shards are written."""
     r = _recipe(recipe, set_)
+    if not verify and relaunched(launch):
+        return
     if verify:
         from apexctl.data.prepare import verify as verify_cache
 
@@ -37,8 +40,11 @@ def prepare(
         return
     from apexctl.data.prepare import prepare as run_prepare
     from apexctl.data.report import read_report
+    from apexctl.launch import is_rank_zero
 
     out = run_prepare(r, quiet=quiet, limit=limit)
+    if not is_rank_zero():
+        return
     m = json.loads((out / "manifest.json").read_text())
     rep = read_report(out) or {}
     shape = m["latent_shape"] or [b["latent_shape"] for b in m["buckets"]]
@@ -83,11 +89,8 @@ def distill(
 
         r = _recipe(recipe, [*(set_ or []), f"hardware.processes={launch}"])
         check_world(r, launch)  # a global_batch that cannot hold: exit 2 before any process starts
-        args = [str(recipe), *[a for item in set_ or [] for a in ("--set", item)]]
-        args += ["--resume", resume] if resume else []
-        args += ["--until", str(until)] if until is not None else []
-        args += ["--quiet"] if quiet else []
-        rc = relaunch(launch, args, Path(r.output.dir), echo=lambda m: typer.echo(m, err=True))
+        extra = ["--set", f"hardware.processes={launch}"]
+        rc = relaunch(launch, run=Path(r.output.dir), extra=extra, echo=lambda m: typer.echo(m, err=True))
         if rc != 0:
             raise typer.Exit(rc)
         return

@@ -8,6 +8,11 @@ Resumable and idempotent: ``build.json`` records what is being built; each finis
 (written after the shard, both atomically). A rerun keeps every shard whose sha256 matches its sidecar and writes
 only the rest; a rerun with other settings starts over. Nothing is written in place, so an interruption or a full
 disk leaves every finished shard valid.
+
+On N processes (``--launch N`` or ``accelerate launch``, apexctl/ranks.py) shard k — prompt or image — is written by
+rank k mod N; rank 0 writes ``build.json`` before the others start and the manifest after all have finished. A shard
+holds the same items, encoded (or synthesised from the same seeds) in the same batches, whatever N is: the cache is
+independent of N, and a rerun with any N after a kill of any rank redoes only the missing shards.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from apexctl.data.report import REPORT_NAME, Report
 from apexctl.data.shards import quick_digest, sha256_file, write_shard
 from apexctl.data.sources import Item, Source
 from apexctl.errors import ApexError, BadInput
+from apexctl.ranks import Ranks, job_ranks
 from apexctl.recipe import DataSpec, Recipe, torch_dtype
 
 BUILD = "build.json"
@@ -97,11 +103,14 @@ def cache_identity(recipe: Recipe, model_dir: str, family: str) -> dict:
 class BuildState:
     """What is being built (``build.json``) and which shards are finished (sidecars whose sha256 still matches)."""
 
-    def __init__(self, root: Path, plan: dict) -> None:
+    def __init__(self, root: Path, plan: dict, *, join: bool = False) -> None:
+        """Start (or resume) the build of ``plan``; ``join``: a rank > 0, after rank 0 has done that."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         old = root / BUILD
         same = old.is_file() and _read_json(old) == plan
+        if join and not same:
+            raise ApexError(f"{old}: does not describe this build (another prepare is writing {root}?)")
         if not same:
             # _V1_FILES: a version-1 (single-file) cache left in the same folder by an older apexctl
             for name in (MANIFEST, PROMPTS_FILE, BUILD, REPORT_NAME, *_V1_FILES):
@@ -110,6 +119,13 @@ class BuildState:
                 shutil.rmtree(root / sub, ignore_errors=True)
             write_text(old, json.dumps(plan, indent=1, sort_keys=True))
         self.resumed = same
+
+    @classmethod
+    def open(cls, root: Path, plan: dict, ranks: Ranks) -> BuildState:
+        """The build state on every rank: rank 0 starts or resumes the build, then the others join it."""
+        state = cls(root, plan) if ranks.main else None
+        ranks.barrier()
+        return state if state is not None else cls(root, plan, join=True)
 
     def done(self, name: str) -> dict | None:
         """The sidecar of a finished, verified shard ``name`` (relative path), else None (a bad one is removed)."""
@@ -165,6 +181,7 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
     from apexctl.data.sources import open_source
     from apexctl.models import load_for_recipe, resolve_model_path
 
+    ranks = job_ranks(recipe.hardware.device)
     if limit is not None:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"limit": limit})})
     d = recipe.data
@@ -172,7 +189,7 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
         raise BadInput("data.buckets is not supported with data.source = 'prompts' (the teacher draws at resolution)")
     source = open_source(d)  # a missing source or column fails here, before any model is loaded
     model_dir = resolve_model_path(recipe.model.path)
-    backbone = load_for_recipe(recipe.model, model_dir)
+    backbone = load_for_recipe(recipe.model, model_dir).to(ranks.device)
     t0 = time.perf_counter()  # throughput counts listing checks + encoding, not imports and model loading
     identity = cache_identity(recipe, model_dir, backbone.family)
     root = Path(d.cache_dir)
@@ -193,15 +210,14 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
         "num_items": len(items),
         "num_prompts": len(prompts),
     }
-    state = BuildState(root, plan)
+    state = BuildState.open(root, plan, ranks)
     dtype = torch_dtype(resolved_cache_dtype(d))
     from apexctl.progress import progress
 
-    encoded = 0
     try:
-        with progress(quiet, _speed_column()) as bar:
-            prompt_entries = _prompt_shards(state, backbone, prompts, d, dtype, bar)
-            image_entries, encoded = _image_shards(state, backbone, source, items, prompts, buckets, d, dtype, bar)
+        with progress(quiet or not ranks.main, _speed_column()) as bar:
+            prompt_mine = _prompt_shards(state, backbone, prompts, d, dtype, bar, ranks)
+            image_mine, encoded = _image_shards(state, backbone, source, items, prompts, buckets, d, dtype, bar, ranks)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApexError(
@@ -209,10 +225,14 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
                 "and rerun `apexctl prepare` to resume"
             ) from None
         raise
+    gathered = ranks.gather((prompt_mine, image_mine, encoded, time.perf_counter() - t0))
+    prompt_entries = _in_shard_order([g[0] for g in gathered])
+    image_entries = _in_shard_order([g[1] for g in gathered])
+    encoded = sum(g[2] for g in gathered)
     for entry in image_entries:
         for s in entry["skipped"]:
             report.skip(s["index"], s["item"], s["reason"])
-    seconds = time.perf_counter() - t0
+    seconds = max(g[3] for g in gathered)  # the job's wall time: its slowest rank
     num_images = sum(e["images"] for e in image_entries)
     counts = {
         "items": len(source.items[: d.limit] if d.limit else source.items) + len(source.rejected),
@@ -222,17 +242,28 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
         "skipped": len(report.skipped),
     }
     timing = {"seconds": round(seconds, 3), "encoded_items": encoded, "items_per_s": round(encoded / seconds, 2)}
-    report.write(root, counts, timing)
-    if num_images == 0:
+    timing["processes"] = ranks.world
+    if ranks.main:
+        report.write(root, counts, timing)
+    if num_images == 0:  # every rank sees the same gathered counts: all stop with the same error
         raise BadInput(
             f"{d.path or d.source}: no usable items ({counts['skipped']} skipped, see {root}/prepare_report.json)"
         )
-    _write_manifest(root, identity, d, prompts, prompt_entries, image_entries, buckets, counts)
-    if d.synthesize is not None and d.synthesize.export_dir:
-        from apexctl.data.synthesize import export_image_folder
+    if ranks.main:
+        _write_manifest(root, identity, d, prompts, prompt_entries, image_entries, buckets, counts)
+        if d.synthesize is not None and d.synthesize.export_dir:
+            from apexctl.data.synthesize import export_image_folder
 
-        export_image_folder(root, backbone, d.synthesize.export_dir, batch=d.encode_batch)
+            # one decode per image (the synthesis took 2 × steps forwards): rank 0 alone
+            export_image_folder(root, backbone, d.synthesize.export_dir, batch=d.encode_batch)
+    ranks.barrier()  # every rank returns a finished cache
     return root
+
+
+def _in_shard_order(per_rank: list[dict[int, dict]]) -> list[dict]:
+    """The sidecar entries every rank wrote or kept ({shard index: entry}), merged in shard order."""
+    merged = {k: e for part in per_rank for k, e in part.items()}
+    return [merged[k] for k in sorted(merged)]
 
 
 def _buckets(d: DataSpec, backbone) -> list[tuple[int, int]]:
@@ -254,12 +285,16 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _prompt_shards(state: BuildState, backbone, prompts: list[str], d: DataSpec, dtype, bar) -> list[dict]:
+def _prompt_shards(
+    state: BuildState, backbone, prompts: list[str], d: DataSpec, dtype, bar, ranks: Ranks
+) -> dict[int, dict]:
+    """Write this rank's unfinished prompt shards; returns its shards' sidecar entries by shard index."""
     from apexctl.models.base import Cond
 
-    entries = []
-    task = bar.add_task("encode prompts", total=len(prompts))
-    for k, chunk in enumerate(_chunks(len(prompts), d.shard_size)):
+    entries = {}
+    mine = ranks.share(list(enumerate(_chunks(len(prompts), d.shard_size))))
+    task = bar.add_task("encode prompts", total=sum(len(c) for _, c in mine))
+    for k, chunk in mine:
         name = f"prompts/shard-{k:05d}.safetensors"
         entry = state.done(name)
         if entry is None:
@@ -275,7 +310,7 @@ def _prompt_shards(state: BuildState, backbone, prompts: list[str], d: DataSpec,
                 tensors,
                 {"count": len(texts), "embed_dim": int(cond.embeds.shape[-1]), "pooled_dim": _dim(cond.pooled)},
             )
-        entries.append(entry)
+        entries[k] = entry
         bar.advance(task, len(chunk))
     return entries
 
@@ -294,17 +329,22 @@ def _image_shards(
     d: DataSpec,
     dtype,
     bar,
-) -> tuple[list[dict], int]:
-    """Write every unfinished image shard; returns all shards' sidecar entries and how many items were encoded now."""
+    ranks: Ranks,
+) -> tuple[dict[int, dict], int]:
+    """Write this rank's unfinished image shards; returns its shards' sidecar entries by shard index and how many
+    items it encoded now."""
     from apexctl.data.buckets import DecodeDataset, decode_batches, image_preparer
 
     prompt_id = {p: i for i, p in enumerate(prompts)}
     chunks = _chunks(len(items), d.shard_size)
     names = [f"images/shard-{k:05d}.safetensors" for k in range(len(chunks))]
-    entries: list[dict | None] = [state.done(n) for n in names]
-    pending = [k for k, e in enumerate(entries) if e is None]
-    task = bar.add_task("synthesise images" if d.synthesize else "encode images", total=len(items))
-    bar.advance(task, sum(len(chunks[k]) for k in range(len(chunks)) if entries[k] is not None))
+    mine = ranks.share(list(range(len(chunks))))
+    entries: dict[int, dict | None] = {k: state.done(names[k]) for k in mine}
+    pending = [k for k in mine if entries[k] is None]
+    task = bar.add_task(
+        "synthesise images" if d.synthesize else "encode images", total=sum(len(chunks[k]) for k in mine)
+    )
+    bar.advance(task, sum(len(chunks[k]) for k in mine if entries[k] is not None))
     synth = d.synthesize is not None
     if not synth:
         in_memory = source.name in ("digits", "scenes")  # already tensors: worker processes would only add pickling
@@ -354,7 +394,7 @@ def _image_shards(
                 bar.advance(task, len(decoded))
         encoded += len(chunk)
         entries[k] = state.finish(names[k], *_shard_tensors(rows, items, prompt_id, skipped))
-    return [e for e in entries if e is not None], encoded
+    return {k: e for k, e in entries.items() if e is not None}, encoded
 
 
 def _shard_tensors(

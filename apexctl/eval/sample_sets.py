@@ -15,16 +15,14 @@ digits``).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
+from apexctl.ranks import Ranks
 from apexctl.recipe import Recipe
 
 
@@ -108,37 +106,36 @@ def ensure_set(
     per_prompt: int = 1,
     seed: int = 0,
     batch: int = 16,
+    ranks: Ranks | None = None,
     quiet: bool = False,
 ) -> Path:
-    """The folder of ``spec``'s images for ``prompts`` × ``per_prompt``; only missing images are generated."""
-    from apexctl.images import save_png
-    from apexctl.inference import generate_images
-    from apexctl.progress import progress
+    """The folder of ``spec``'s images for ``prompts`` × ``per_prompt``; only missing images are generated, split
+    across ``ranks`` (inference/draw.py: the same images on any number of processes)."""
+    from apexctl.inference.draw import ImageJob, draw_jobs
 
+    ranks = ranks or Ranks()
     texts = [p for p in prompts for _ in range(per_prompt)]
     seeds = [seed + k for _ in prompts for k in range(per_prompt)]
     folder = set_folder(Path(recipe.output.dir), spec, texts, seeds)
     names = [f"{i:05d}.png" for i in range(len(texts))]
-    todo = [i for i, n in enumerate(names) if not (folder / n).is_file()]
-    if todo:
-        write_text(
-            folder / "meta.json", json.dumps({**asdict(spec), "n": len(texts), "per_prompt": per_prompt}, indent=1)
-        )
-        model = _load(recipe, spec)
-        with progress(quiet) as bar:
-            task = bar.add_task(spec.label, total=len(todo))
-            for start in range(0, len(todo), batch):  # save each batch: an interrupted run keeps what it drew
-                idx = todo[start : start + batch]
-                images = generate_images(
-                    model, [texts[i] for i in idx], [seeds[i] for i in idx], batch=batch, **spec.sampler_kwargs()
-                )
-                for j, i in enumerate(idx):
-                    save_png(images[j], folder / names[i])
-                bar.advance(task, len(idx))
-        del model  # student and teacher may each be a 20B model: never hold both
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    rows = [json.dumps({"file": n, "prompt": t, "seed": s}) for n, t, s in zip(names, texts, seeds, strict=True)]
-    write_text(folder / "samples.jsonl", "\n".join(rows) + "\n")
+    jobs = [ImageJob(folder / n, t, s) for n, t, s in zip(names, texts, seeds, strict=True)]
+
+    def record() -> None:
+        meta = {**asdict(spec), "n": len(texts), "per_prompt": per_prompt}
+        write_text(folder / "meta.json", json.dumps(meta, indent=1))
+
+    draw_jobs(
+        jobs,
+        load=lambda: _load(recipe, spec),
+        sampler_kwargs=spec.sampler_kwargs(),
+        batch=batch,
+        ranks=ranks,
+        label=spec.label,
+        quiet=quiet,
+        before_drawing=record,
+    )
+    if ranks.main:
+        rows = [json.dumps({"file": n, "prompt": t, "seed": s}) for n, t, s in zip(names, texts, seeds, strict=True)]
+        write_text(folder / "samples.jsonl", "\n".join(rows) + "\n")
+    ranks.barrier()  # every rank can read the finished folder
     return folder

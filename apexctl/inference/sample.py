@@ -29,28 +29,63 @@ def run_sample(
 ) -> tuple[Path, SampleSettings]:
     """Draw ``num_images`` per prompt (image k of a prompt: seed + k) and save them; ``options`` are the command's
     sample options (``size``, ``steps``, ``method``, ``guidance``, ``seed``, ``batch``; None = not given), resolved
-    with the recipe's ``sample`` section by ``resolve_sample_settings``. Returns (folder, settings)."""
-    from apexctl.images import save_grid, save_png
-    from apexctl.inference import generate_images  # the package attribute: tests may replace it
+    with the recipe's ``sample`` section by ``resolve_sample_settings``. Returns (folder, settings).
 
+    In a launched job the images are split across the ranks (inference/draw.py); rank 0 writes the grid and
+    ``samples.json``. A rerun with the same model, settings and prompts into the same folder draws only the
+    missing images (``samples.json`` is written first with ``"complete": false``); any other rerun draws all."""
+    import torch
+
+    from apexctl.images import load_image, save_grid
+    from apexctl.inference.draw import ImageJob, draw_jobs
+    from apexctl.ranks import job_ranks
+
+    ranks = job_ranks()
     path = resolve_model(recipe, model)  # a missing trained model fails before anything loads
     loaded = load_sampling_model(recipe, model)
     info = model_info(loaded.backbone, distilled=loaded.trained and is_distilled(recipe))
     s = resolve_sample_settings(recipe, info, what=path, **options)
     all_prompts = [p for p in prompts for _ in range(num_images)]
     seeds = [s.seed + k for _ in prompts for k in range(num_images)]
-    images = generate_images(loaded.backbone, all_prompts, seeds, quiet=quiet, **s.sampler_kwargs())
     if out is not None:
         folder = out
     elif recipe is not None and model is None:
         folder = Path(recipe.output.dir) / "samples"
     else:
         folder = Path(path).parent / "samples" if Path(path).is_dir() else Path("samples")
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (p, seed) in enumerate(zip(all_prompts, seeds, strict=True)):
-        save_png(images[i], folder / f"{i:03d}_{_slug(p)}_seed{seed}.png")
-    upscale = max(1, 64 // min(s.height, s.width))
-    save_grid(images, nrow=num_images, path=folder / "grid.png", upscale=upscale, labels=list(prompts))
+    jobs = [
+        ImageJob(folder / f"{i:03d}_{_slug(p)}_seed{seed}.png", p, seed)
+        for i, (p, seed) in enumerate(zip(all_prompts, seeds, strict=True))
+    ]
     record = {"model": loaded.description, **asdict(s), "prompts": prompts, "seeds": seeds}
-    write_text(folder / "samples.json", json.dumps(record, indent=1))
+    if ranks.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if _read_record(folder) != record:  # other settings: nothing in the folder is this command's image
+            for job in jobs:
+                job.path.unlink(missing_ok=True)
+        write_text(folder / "samples.json", json.dumps({**record, "complete": False}, indent=1))
+    ranks.barrier()
+    draw_jobs(
+        jobs,
+        load=lambda: loaded.backbone,
+        sampler_kwargs=s.sampler_kwargs(),
+        batch=s.batch,
+        ranks=ranks,
+        quiet=quiet,
+    )
+    if ranks.main:
+        images = torch.stack([load_image(j.path) for j in jobs])
+        upscale = max(1, 64 // min(s.height, s.width))
+        save_grid(images, nrow=num_images, path=folder / "grid.png", upscale=upscale, labels=list(prompts))
+        write_text(folder / "samples.json", json.dumps({**record, "complete": True}, indent=1))
     return folder, s
+
+
+def _read_record(folder: Path) -> dict | None:
+    """The settings ``samples.json`` records (without its completion flag), or None."""
+    try:
+        old = json.loads((folder / "samples.json").read_text())
+    except (OSError, ValueError):
+        return None
+    old.pop("complete", None)
+    return old

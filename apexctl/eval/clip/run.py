@@ -16,6 +16,7 @@ from typing import Any
 
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
+from apexctl.ranks import job_ranks
 
 
 def run_eval_clip_score(
@@ -34,7 +35,8 @@ def run_eval_clip_score(
     batch: int = 16,
     out: Path | None = None,
     quiet: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -45,6 +47,7 @@ def run_eval_clip_score(
 
     clip_model = load_clip(clip)  # the missing-weights error comes before any generation
     recipe = load_run(run) if run is not None else None
+    ranks = job_ranks()
     sets: list[tuple[str, Path]] = [(str(d), d) for d in images or []]
     for _, folder in sets:
         image_prompts(folder)  # every folder must say which prompt made each image
@@ -56,9 +59,13 @@ def run_eval_clip_score(
         if teacher:
             specs.append(teacher_spec(recipe, teacher_steps, teacher_guidance))
         for spec in specs:
-            folder = ensure_set(recipe, spec, prompts, per_prompt=per_prompt, seed=seed, batch=batch, quiet=quiet)
+            folder = ensure_set(
+                recipe, spec, prompts, per_prompt=per_prompt, seed=seed, batch=batch, ranks=ranks, quiet=quiet
+            )
             sets.append((spec.label, folder))
 
+    if not ranks.main:
+        return None
     rows: dict[str, dict[str, Any]] = {}
     for label, folder in sets:
         t0 = time.perf_counter()

@@ -43,7 +43,9 @@ def clip_score(clip: Clip, images: Sequence[Path], prompts: Sequence[str], batch
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     assert len(images) == len(prompts)
-    metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(clip.model), clip.processor)).to(clip.device)
+    # sync_on_compute off: one process holds every image (rank 0 of a launched job scores alone)
+    features = lambda: (_TensorFeatures(clip.model), clip.processor)  # noqa: E731
+    metric = CLIPScore(model_name_or_path=features, sync_on_compute=False).to(clip.device)
     for i in range(0, len(images), batch):
         # uint8 [3, H, W] on the model's device: torchmetrics moves the model to the images' device
         pix = [to_uint8_chw(load_rgb(p)).to(clip.device) for p in images[i : i + batch]]

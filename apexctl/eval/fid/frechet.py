@@ -52,7 +52,9 @@ def fid_between(
         raise BadInput(f"FID needs at least 2 images on each side, got {len(generated)} and {len(reference)}")
     # normalize=False: our extractor takes [0, 255] values as they are; reset_real_features is irrelevant (one pass)
     # the metric's float64 sums live where the extractor runs (CUDA when there is one)
-    metric = FrechetInceptionDistance(feature=extractor, normalize=False).to(extractor.fc.weight.device)
+    # sync_on_compute off: one process holds every image (rank 0 of a launched job scores alone)
+    metric = FrechetInceptionDistance(feature=extractor, normalize=False, sync_on_compute=False)
+    metric = metric.to(extractor.fc.weight.device)
     with progress(quiet) as bar:
         _update(metric, reference, True, batch, bar, bar.add_task("FID reference", total=len(reference)))
         _update(metric, generated, False, batch, bar, bar.add_task("FID generated", total=len(generated)))

@@ -16,6 +16,7 @@ from typing import Any
 
 from apexctl.atomic import write_text
 from apexctl.errors import BadInput
+from apexctl.ranks import job_ranks
 
 
 def run_eval_fid(
@@ -34,7 +35,8 @@ def run_eval_fid(
     batch: int = 16,
     out: Path | None = None,
     quiet: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
+    """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -59,17 +61,22 @@ def run_eval_fid(
         else:
             plan.append((None, teacher_spec(recipe, teacher_steps, teacher_guidance)))
     extractor = load_fid_inception(inception)
+    ranks = job_ranks()
 
     sides: list[tuple[Path, dict[str, Any]]] = []
     for folder, spec in plan:
         if spec is None:
             sides.append((folder, {"source": "folder", "label": str(folder), "path": str(folder)}))
         else:
-            path = ensure_set(recipe, spec, prompts, per_prompt=per_prompt, seed=seed, batch=batch, quiet=quiet)
+            path = ensure_set(
+                recipe, spec, prompts, per_prompt=per_prompt, seed=seed, batch=batch, ranks=ranks, quiet=quiet
+            )
             sides.append(
                 (path, {"source": "generated", "label": spec.label, "path": str(path), "settings": asdict(spec)})
             )
     (gen_dir, gen_info), (ref_dir, ref_info) = sides
+    if not ranks.main:
+        return None
     gen_files, ref_files = list_images(gen_dir, "--generated"), list_images(ref_dir, "--reference")
     t0 = time.perf_counter()
     value = fid_between(gen_files, ref_files, extractor, batch=batch, quiet=quiet)

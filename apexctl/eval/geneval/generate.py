@@ -7,7 +7,8 @@
   guidance, size, seed, …) is refused rather than mixing two models' images in one folder (the settings are
   recorded once the model has loaded, so a failed first try does not pin them).
 - Batched across prompts (``batch`` images per forward); each PNG and JSON file is written atomically, so an
-  interrupted run leaves only whole files.
+  interrupted run leaves only whole files. On N processes the batches are split across them (inference/draw.py);
+  rank 0 writes the folders' JSON files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from apexctl.atomic import write_text
 from apexctl.errors import BadInput
 from apexctl.eval.geneval.layout import image_name, prompt_dir
 from apexctl.eval.geneval.prompts import load_prompts
+from apexctl.ranks import Ranks
 
 if TYPE_CHECKING:
     from apexctl.inference.settings import SampleSettings
@@ -65,49 +67,50 @@ def generate_geneval(
     settings: dict[str, Any],
     per_prompt: int,
     sample: SampleSettings,
+    ranks: Ranks | None = None,
     quiet: bool = False,
 ) -> dict[str, int]:
-    """Write the missing images (image k of a prompt: ``sample.seed + k``; ``sample.batch`` per forward); returns
+    """Write the missing images (image k of a prompt: ``sample.seed + k``; ``sample.batch`` per forward), split
+    across ``ranks`` (inference/draw.py: the same images on any number of processes); returns
     ``{"generated": n, "kept": m}``. The model is loaded only if needed."""
-    from apexctl.images import save_png
-    from apexctl.inference import generate_images
-    from apexctl.progress import progress
+    from apexctl.inference.draw import ImageJob, draw_jobs
 
-    seed, batch = sample.seed, sample.batch
+    ranks = ranks or Ranks()
+    seed = sample.seed
     prompts = load_prompts()
-    root.mkdir(parents=True, exist_ok=True)
-    settings = _check_settings(root, settings)
-    for i in selection:
-        _prepare_folder(root, i, prompts[i])
-    todo = [
-        (i, k)
+    if ranks.main:
+        root.mkdir(parents=True, exist_ok=True)
+        settings = _check_settings(root, settings)
+        for i in selection:
+            _prepare_folder(root, i, prompts[i])
+    ranks.barrier()  # a refused resume stops rank 0 here, and the launcher stops the others
+    jobs = [
+        ImageJob(prompt_dir(root, i) / "samples" / image_name(k), prompts[i]["prompt"], seed + k)
         for i in selection
         for k in range(per_prompt)
-        if not (prompt_dir(root, i) / "samples" / image_name(k)).is_file()
     ]
-    kept = len(selection) * per_prompt - len(todo)
-    if not todo:
-        return {"generated": 0, "kept": kept}
-    backbone = load_backbone()
-    write_text(root / GENERATION_FILE, json.dumps(settings, indent=1) + "\n")  # recorded once the model loaded
-    with progress(quiet) as bar:
-        task = bar.add_task("geneval", total=len(todo))
-        for start in range(0, len(todo), batch):
-            chunk = todo[start : start + batch]
-            images = generate_images(
-                backbone,
-                [prompts[i]["prompt"] for i, _ in chunk],
-                [seed + k for _, k in chunk],
-                quiet=True,
-                **sample.sampler_kwargs(),
-            )
-            touched: dict[int, dict[str, int]] = {}
-            for (i, k), img in zip(chunk, images, strict=True):
-                save_png(img, prompt_dir(root, i) / "samples" / image_name(k))
-                touched.setdefault(i, {})[image_name(k)] = seed + k
-            for i, new in touched.items():  # seeds after the images: a recorded seed always has its image
-                path = prompt_dir(root, i) / SEEDS_FILE
-                old = json.loads(path.read_text()) if path.is_file() else {}
-                write_text(path, json.dumps(dict(sorted({**old, **new}.items())), indent=1) + "\n")
-            bar.advance(task, len(chunk))
-    return {"generated": len(todo), "kept": kept}
+    def record() -> None:  # once the models have loaded, so a failed first try does not pin the settings
+        write_text(root / GENERATION_FILE, json.dumps(settings, indent=1) + "\n")
+
+    generated = draw_jobs(
+        jobs,
+        load=load_backbone,
+        sampler_kwargs=sample.sampler_kwargs(),
+        batch=sample.batch,
+        ranks=ranks,
+        label="geneval",
+        quiet=quiet,
+        before_drawing=record,
+    )
+    if ranks.main:  # seeds after the images: a recorded seed always has its image
+        for i in selection:
+            seeds = {
+                image_name(k): seed + k
+                for k in range(per_prompt)
+                if (prompt_dir(root, i) / "samples" / image_name(k)).is_file()
+            }
+            path = prompt_dir(root, i) / SEEDS_FILE
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            if {**old, **seeds} != old:
+                write_text(path, json.dumps(dict(sorted({**old, **seeds}.items())), indent=1) + "\n")
+    return {"generated": generated, "kept": len(jobs) - generated}

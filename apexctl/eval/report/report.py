@@ -137,7 +137,9 @@ def sample_grids(
     paths = [(k, Path(folder) / f"samples-{k}step.png") for k in steps]
     missing = [(k, p) for k, p in paths if not p.is_file()]
     if missing:
-        model = load_trained(recipe)
+        from apexctl.ranks import job_ranks
+
+        model = load_trained(recipe).to(job_ranks().device)
         info = ModelInfo(distilled=is_distilled(recipe))
         texts = [p for p in prompts for _ in range(per_prompt)]
         seeds = [seed + j for _ in prompts for j in range(per_prompt)]
