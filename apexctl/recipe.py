@@ -143,8 +143,11 @@ class TrainSpec(_Strict):
     )
     max_consecutive_skips: int = Field(10, gt=0, description="with skip_nonfinite: stop after more skips in a row")
     log_every: int = Field(10, gt=0)
-    log_with: Literal["none", "tensorboard"] = Field(
-        "none", description="also write the metrics as tensorboard events to RUN/tensorboard (needs tensorboard)"
+    log_with: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = Field(
+        "none",
+        description="also send the metrics, sample grids and eval summaries to a tracker (accelerate's): "
+        "tensorboard (RUN/tensorboard), wandb, mlflow (RUN/mlflow unless MLFLOW_TRACKING_URI) or trackio; "
+        "needs its package",
     )
     diag_every: int | None = Field(
         None, gt=0, description="every N steps: the critic lag (diag/critic_lag in metrics.jsonl; apex objectives)"

@@ -76,7 +76,7 @@ def _loop(sess: Session, clock: WallClock, *, until: int | None, quiet: bool) ->
                         rec["diag/critic_lag"] = critic_lag(sess)
                     log.write(rec)
                 if tr.sample_every is not None and (step % tr.sample_every == 0 or step == tr.steps):
-                    sample_grid(sess, step)
+                    log.image(sample_grid(sess, step), step)
                 desc = (
                     f"{recipe.method.objective} loss {out.loss:.4f} · {sess.global_batch / out.seconds:.0f} samples/s"
                 )

@@ -1,5 +1,6 @@
-"""What a run records about itself, on rank 0: ``RUN/metrics.jsonl`` (one JSON object per logged step), optional
-tensorboard events, and ``RUN/run.json`` (the run's wall time, summed over its resumed segments)."""
+"""What a run records about itself, on rank 0: ``RUN/metrics.jsonl`` (one JSON object per logged step), the same
+rows and the sample grids in the ``train.log_with`` tracker (:mod:`~apexctl.training.trackers`), and
+``RUN/run.json`` (the run's wall time, summed over its resumed segments)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apexctl.atomic import write_text
-from apexctl.errors import BadInput
 from apexctl.recipe import Recipe
 from apexctl.training.hardware import gather, peak_memory_mb
+from apexctl.training.trackers import Tracker, flat_config, require_package
 
 if TYPE_CHECKING:
     from apexctl.training.state import Session
@@ -22,15 +23,8 @@ RUN_INFO = "run.json"
 
 
 def require_tracker_package(recipe: Recipe) -> None:
-    """Refuse ``train.log_with: tensorboard`` without the tensorboard package before anything is loaded (exit 2)."""
-    if recipe.train.log_with == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise BadInput(
-                "train.log_with = 'tensorboard' needs the tensorboard package (pip install tensorboard); "
-                "or use train.log_with = 'none' (metrics.jsonl is always written)"
-            ) from None
+    """Refuse a ``train.log_with`` tracker whose package is missing before anything is loaded (exit 2)."""
+    require_package(recipe.train.log_with)
 
 
 class WallClock:
@@ -93,16 +87,19 @@ def read_rows(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """``RUN/metrics.jsonl`` (one JSON object per logged step) and optionally tensorboard events, on rank 0."""
+    """``RUN/metrics.jsonl`` (one JSON object per logged step) and the ``train.log_with`` tracker, on rank 0.
+
+    The tracker run continues on a resume (a start at step 0 opens a new one); the resolved recipe is its
+    hyperparameters."""
 
     def __init__(self, sess: Session) -> None:
         self.sess = sess
         self.path = sess.run / "metrics.jsonl"
-        self.writer = None
-        if sess.main and sess.recipe.train.log_with == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(sess.run / "tensorboard"), purge_step=sess.counter.step + 1)
+        self.tracker: Tracker | None = None
+        kind, step = sess.recipe.train.log_with, sess.counter.step
+        if sess.main and kind != "none":
+            config = flat_config(sess.recipe.model_dump(mode="json"))
+            self.tracker = Tracker(kind, sess.run, config=config, resume=step > 0, purge_step=step + 1)
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past ``step`` (a run killed after logging but before its next checkpoint): resumed runs
@@ -145,12 +142,14 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self.writer is not None:
-            for k, v in clean.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, rec["step"])
-            self.writer.flush()
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in clean.items() if k != "step"}, rec["step"])
+
+    def image(self, path: Path | None, step: int) -> None:
+        """A sample grid (``RUN/samples/step-N.png``; None on the other ranks) to the tracker as an image."""
+        if self.tracker is not None and path is not None:
+            self.tracker.log_image("samples", path, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()

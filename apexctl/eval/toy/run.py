@@ -94,7 +94,9 @@ def run_eval(
         teacher_settings,
     )
     from apexctl.models import load_for_recipe, resolve_model_path
+    from apexctl.training.trackers import log_eval_summary, require_package
 
+    require_package(recipe.train.log_with)  # a missing tracker package: exit 2 before anything loads
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs/CI: the full table, not a squeezed one
     judge, prompts = setting.judge, setting.prompts
     texts = [p.prompt for p in prompts for _ in range(per_prompt)]
@@ -104,8 +106,11 @@ def run_eval(
 
     teacher_dir = resolve_model_path(recipe.model.path)
     t = teacher_settings(recipe, steps=teacher_steps, guidance=teacher_guidance, seed=0, batch=256)
-    teacher = load_for_recipe(recipe.model, teacher_dir)
-    student = load_trained(recipe)
+    from apexctl.ranks import job_ranks
+
+    device = job_ranks().device  # the GPU when there is one
+    teacher = load_for_recipe(recipe.model, teacher_dir).to(device)
+    student = load_trained(recipe).to(device)
     rows_spec = [
         (f"teacher {t.steps} steps", teacher, t),
         ("teacher 1 step", teacher, replace(t, steps=1, method="one", guidance=1.0)),
@@ -139,6 +144,7 @@ def run_eval(
         "rows": results,
     }
     write_text(folder / "results.json", json.dumps(summary, indent=1, default=float))
+    log_eval_summary(recipe, f"eval/{setting.name}", results)  # train.log_with's tracker run, if any
     ncol = min(8, per_prompt)
     for name, imgs in grids:
         save_grid(
