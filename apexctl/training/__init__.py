@@ -11,7 +11,8 @@ One concern per module:
 - :mod:`~apexctl.training.hardware`: the Accelerator, the world-size checks and the few collectives;
 - :mod:`~apexctl.training.checkpoint` (+ :mod:`~apexctl.training.lock`, :mod:`~apexctl.training.fsdp`): what an
   exact resume needs, written atomically, pruned atomically, read back newest-loadable-first;
-- :mod:`~apexctl.training.metrics`: ``metrics.jsonl``, tensorboard and ``run.json`` (wall time);
+- :mod:`~apexctl.training.metrics`: ``metrics.jsonl`` and ``run.json`` (wall time);
+- :mod:`~apexctl.training.trackers`: tensorboard, wandb, mlflow or trackio through accelerate's trackers;
 - :mod:`~apexctl.training.grids`: the fixed-seed sample grids;
 - :mod:`~apexctl.training.loop`: :func:`~apexctl.training.loop.train`, which strings them together.
 """
