@@ -87,3 +87,36 @@ def test_sample_speed_quick_writes_tables_with_measured_speedups(tmp_path, monke
                 assert one[b]["ms_min"] <= ms <= one[b]["ms_max"]
                 # the markdown carries the same number
                 assert f"{one[b]['speedup_vs_teacher']:.2f}×" in md
+
+
+def test_gpu_check_driver_runs_a_stage_and_writes_valid_recipes(tmp_path, monkeypatch):
+    """bench/gpu_check.py on CPU: the one stage that runs anywhere (few-step sampling of a tiny model) goes through
+    the driver into the JSON; the shortened bf16 digits recipes it writes are valid recipes."""
+    from apexctl.recipe import load_recipe
+
+    out = tmp_path / "gpu_check.json"
+    argv = ["gpu_check.py", "--only", "sample_few", "--out", str(out), "--work", str(tmp_path / "work")]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCH / "gpu_check.py"), run_name="__main__")
+    report = json.loads(out.read_text())
+    (stage,) = report["stages"]
+    assert stage["name"] == "sample_few" and stage["ok"], stage
+    assert stage["numbers"]["steps"] == 4 and stage["numbers"]["method"] == "few"
+    assert report["device"]["available"] is False  # this CPU machine
+    gc = runpy.run_path(str(BENCH / "gpu_check.py"))
+    work = tmp_path / "recipes"
+    work.mkdir()
+    paths = [work / f"{n}.yaml" for n in ("teacher", "student", "pairs")]
+    gc["_digits_recipes"](work, *paths, 100, 50)
+    teacher, student, pairs = (load_recipe(p) for p in paths)
+    assert (teacher.train.steps, student.train.steps) == (100, 50)
+    assert teacher.hardware.precision == student.hardware.precision == "bf16"
+    assert student.model.path == pairs.model.path == str(work / "teacher" / "model")
+    assert {s["name"] for s in gc["stages"](work, 1, 1)} == {
+        "smoke",
+        "sample_few",
+        "digits_bf16",
+        "prepare_cuda",
+        "memory",
+    }
+    assert sum(s["limit"] for s in gc["stages"](work, 1, 1)) <= 600  # the 10-minute budget
