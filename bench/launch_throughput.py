@@ -8,9 +8,9 @@ Two workloads on the tiny digits architecture (tiny:digits, random weights: spee
   images, 50 Euler steps at CFG 2, in shards of 70 items (an even split over 2 ranks);
 - ``eval geneval --no-score``: ``--prompts`` GenEval prompts × 4 images, 20 Euler steps at CFG 2, batches of 32.
 
-One process gets both cores (2 threads); two processes get 1 thread each, so a ratio compares the same machine
-used two ways. Each repeat runs 1 then 2 processes back to back; the table gives medians and the median of the
-per-repeat ratios. Wall time counts the whole command (start-up, model load, the launcher); ``prepare`` also
+Three configurations, processes × cores per process: 1 × 1 and 2 × 1 (the CPU analogue of one GPU vs two: twice
+the hardware), and 1 × 2 (the same two cores used by one process). Each repeat runs the three back to back; the
+table gives medians and the median of the per-repeat ratios. Wall time counts the whole command (start-up, model load, the launcher); ``prepare`` also
 reports its own time from after the model load (``prepare_report.json``). Writes
 bench/results/launch_throughput.json and .md.
 """
@@ -42,46 +42,49 @@ def _run(args: list, threads: int, home: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _prepare_recipe(tmp: Path, n: int, images_per_prompt: int) -> Path:
+def _prepare_recipe(tmp: Path, n: int, threads: int, images_per_prompt: int) -> Path:
     tree = {
         "model": {"path": "tiny:digits"},
         "data": {
             "source": "prompts",
             "path": str(ROOT / "recipes" / "digits_prompts.txt"),
-            "cache_dir": str(tmp / f"cache{n}"),
+            "cache_dir": str(tmp / "cache"),
             "resolution": 8,
             "cache_dtype": "fp32",
             "shard_size": 70,
             "synthesize": {"steps": 50, "guidance": 2.0, "images_per_prompt": images_per_prompt, "batch": 70},
         },
-        "hardware": {"device": "cpu", "threads": 2 // n},
+        "hardware": {"device": "cpu", "threads": threads},
         "output": {"dir": str(tmp / "unused")},
     }
-    path = tmp / f"prepare{n}.yaml"
+    path = tmp / f"prepare{n}x{threads}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+CONFIGS = {"1×1": (1, 1), "2×1": (2, 1), "1×2": (1, 2)}  # processes × threads per process
 
 
 def measure(tmp: Path, repeats: int, images_per_prompt: int, prompts: int) -> dict:
     home = tmp / "home"
     items = 35 * images_per_prompt
-    rows: dict[str, dict[int, list[float]]] = {"prepare": {1: [], 2: []}, "geneval": {1: [], 2: []}}
-    inner: dict[int, list[float]] = {1: [], 2: []}
+    rows: dict[str, dict[str, list[float]]] = {"prepare": {c: [] for c in CONFIGS}, "geneval": {c: [] for c in CONFIGS}}
+    inner: dict[str, list[float]] = {c: [] for c in CONFIGS}
     geneval = ["eval", "geneval", "--model", "tiny:digits", "--size", 8, "--steps", 20, "--method", "euler",
                "--guidance", 2.0, "--prompts", f"0:{prompts}", "--per-prompt", 4, "--batch", 32, "--no-score", "-q"]  # fmt: skip
     _run(["sample", "x", "--model", "tiny:digits", "-n", 1, "--out", tmp / "warm", "-q"], 2, home)  # builds the model
     for rep in range(repeats):
-        for n in (1, 2):
-            recipe = _prepare_recipe(tmp, n, images_per_prompt)
-            shutil.rmtree(tmp / f"cache{n}", ignore_errors=True)
-            launch = ["--launch", 2] if n == 2 else []
-            rows["prepare"][n].append(_run(["prepare", recipe, "-q", *launch], 2 // n, home))
-            report = json.loads((tmp / f"cache{n}" / "prepare_report.json").read_text())
-            inner[n].append(report["timing"]["seconds"])
-            shutil.rmtree(tmp / f"gen{n}", ignore_errors=True)
-            rows["geneval"][n].append(_run([*geneval, "--images", tmp / f"gen{n}", *launch], 2 // n, home))
-            print(f"repeat {rep + 1}: {n} process(es) prepare {rows['prepare'][n][-1]:.1f} s "
-                  f"geneval {rows['geneval'][n][-1]:.1f} s", flush=True)  # fmt: skip
+        for name, (n, threads) in CONFIGS.items():
+            recipe = _prepare_recipe(tmp, n, threads, images_per_prompt)
+            shutil.rmtree(tmp / "cache", ignore_errors=True)
+            launch = ["--launch", n] if n > 1 else []
+            rows["prepare"][name].append(_run(["prepare", recipe, "-q", *launch], threads, home))
+            report = json.loads((tmp / "cache" / "prepare_report.json").read_text())
+            inner[name].append(report["timing"]["seconds"])
+            shutil.rmtree(tmp / "gen", ignore_errors=True)
+            rows["geneval"][name].append(_run([*geneval, "--images", tmp / "gen", *launch], threads, home))
+            print(f"repeat {rep + 1}: {name} prepare {rows['prepare'][name][-1]:.1f} s "
+                  f"geneval {rows['geneval'][name][-1]:.1f} s", flush=True)  # fmt: skip
     out = {
         "machine": _machine(),
         "repeats": repeats,
@@ -89,21 +92,19 @@ def measure(tmp: Path, repeats: int, images_per_prompt: int, prompts: int) -> di
             "prepare": f"teacher synthesis, {items} images (35 prompts × {images_per_prompt}), 50 Euler steps, CFG 2",
             "geneval": f"{prompts * 4} images ({prompts} GenEval prompts × 4), 20 Euler steps, CFG 2",
         },
-        "threads": {"1 process": 2, "2 processes": "1 each"},
+        "configs": "processes × threads (cores) per process",
         "rows": {},
     }
     counts = {"prepare": items, "geneval": prompts * 4}
-    for name, by_n in rows.items():
-        ratios = [a / b for a, b in zip(by_n[1], by_n[2], strict=True)]
-        out["rows"][name] = {
-            "wall_s": {str(n): statistics.median(v) for n, v in by_n.items()},
-            "images_per_s": {str(n): counts[name] / statistics.median(v) for n, v in by_n.items()},
-            "speedup": statistics.median(ratios),
-            "speedup_range": [min(ratios), max(ratios)],
+    for stage, by in {**rows, "prepare (after the model load)": inner}.items():
+        n_images = counts[stage.split()[0]]
+        out["rows"][stage] = {
+            "seconds": {c: statistics.median(v) for c, v in by.items()},
+            "images_per_s": {c: n_images / statistics.median(v) for c, v in by.items()},
+            # per repeat, so load that changes over time hits both sides of a ratio alike
+            "speedup_2x1_vs_1x1": statistics.median(a / b for a, b in zip(by["1×1"], by["2×1"], strict=True)),
+            "speedup_2x1_vs_1x2": statistics.median(a / b for a, b in zip(by["1×2"], by["2×1"], strict=True)),
         }
-    ratios = [a / b for a, b in zip(inner[1], inner[2], strict=True)]
-    out["rows"]["prepare"]["after_load_s"] = {str(n): statistics.median(v) for n, v in inner.items()}
-    out["rows"]["prepare"]["after_load_speedup"] = statistics.median(ratios)
     return out
 
 
@@ -119,23 +120,19 @@ def write_tables(res: dict, dest: Path) -> None:
     lines = [
         f"# Stages on 1 vs 2 processes ({res['machine']}; median of {res['repeats']})",
         "",
-        "1 process: 2 threads; 2 processes (`--launch 2`, gloo): 1 thread each. Wall time of the whole command.",
+        "Processes × cores (threads) per process; `--launch 2` on gloo. Wall time of the whole command (start-up,",
+        "model load, the launcher), and for prepare also its own time from after the model load.",
         "",
-        "| stage | work | 1 process | 2 processes | speed-up (range) |",
-        "|---|---|---|---|---|",
+        "| stage | work | 1 × 1 | 2 × 1 | 1 × 2 | 2 × 1 vs 1 × 1 | 2 × 1 vs 1 × 2 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in res["rows"].items():
-        w, ips = r["wall_s"], r["images_per_s"]
+        t = r["seconds"]
+        work = res["workloads"][name.split()[0]]
         lines.append(
-            f"| {name} | {res['workloads'][name]} | {w['1']:.1f} s ({ips['1']:.0f} img/s) | {w['2']:.1f} s "
-            f"({ips['2']:.0f} img/s) | {r['speedup']:.2f}× ({r['speedup_range'][0]:.2f}–{r['speedup_range'][1]:.2f}) |"
+            f"| {name} | {work} | {t['1×1']:.1f} s | {t['2×1']:.1f} s | {t['1×2']:.1f} s | "
+            f"{r['speedup_2x1_vs_1x1']:.2f}× | {r['speedup_2x1_vs_1x2']:.2f}× |"
         )
-    p = res["rows"]["prepare"]
-    lines += [
-        "",
-        f"prepare after the model load (its own timing): {p['after_load_s']['1']:.1f} s vs "
-        f"{p['after_load_s']['2']:.1f} s, {p['after_load_speedup']:.2f}×.",
-    ]
     (dest / "launch_throughput.md").write_text("\n".join(lines) + "\n")
 
 
