@@ -161,3 +161,21 @@ def test_fid_and_clip_score_image_sets_on_two_processes_equal_one(home, tmp_path
     for label in rows[0]:
         assert rows[1][label]["clip_score"] == pytest.approx(rows[0][label]["clip_score"], rel=1e-6)
         assert _pngs(Path(rows[1][label]["path"])) == _pngs(Path(rows[0][label]["path"]))
+
+
+def test_bad_input_is_refused_before_any_process_starts(tmp_path):
+    """With --launch, the command checks its input in the calling process: one line, exit 2, nothing launched."""
+    from data_util import fails
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: tiny:test}\ndata: {source: digits, resolution: -3}\n")
+    assert "resolution" in fails(["prepare", bad, "--launch", 2])
+    out = fails(["eval", "geneval", "--model", "tiny:test", "--prompts", "900:901", "--no-score", "--launch", 2])
+    assert "900" in out
+    (tmp_path / "p.txt").write_text("a\n")
+    out = fails(["eval", "fid", "--generated", tmp_path, "--reference", tmp_path, "--launch", 2])
+    assert "no images" in out or "Inception" in out
+    out = fails(["sample", "--prompts-file", tmp_path / "missing.txt", "--launch", 2])
+    assert "missing.txt" in out
+    out = fails(["eval", "clip-score", "--clip", tmp_path / "no-clip", "--images", tmp_path, "--launch", 2])
+    assert "no-clip" in out

@@ -63,12 +63,9 @@ def eval_fid(
     quiet: QuietOpt = False,
 ) -> None:
     """FID (torchmetrics, FID Inception-v3) of generated vs reference images; either side a folder or drawn from RUN."""
-    if relaunched(launch):
-        return
     from apexctl.eval.fid.run import run_eval_fid
 
-    run_eval_fid(
-        run,
+    kwargs = dict(
         generated=generated,
         reference=reference,
         inception=inception,
@@ -83,6 +80,10 @@ def eval_fid(
         out=out,
         quiet=quiet,
     )
+    if launch is not None and launch > 1:
+        run_eval_fid(run, **kwargs, check_only=True)  # bad input: exit 2 here, before any process starts
+    if not relaunched(launch):
+        run_eval_fid(run, **kwargs)
 
 
 @eval_app.command("clip-score")
@@ -112,12 +113,9 @@ def eval_clip_score(
     quiet: QuietOpt = False,
 ) -> None:
     """CLIP score (torchmetrics) of images against their prompts: --images folders, or the run's student on --prompts."""
-    if relaunched(launch):
-        return
     from apexctl.eval.clip.run import run_eval_clip_score
 
-    run_eval_clip_score(
-        run,
+    kwargs = dict(
         clip=clip,
         images=images,
         prompts_file=prompts,
@@ -132,6 +130,10 @@ def eval_clip_score(
         out=out,
         quiet=quiet,
     )
+    if launch is not None and launch > 1:
+        run_eval_clip_score(run, **kwargs, check_only=True)  # bad input: exit 2 here, before any process starts
+    if not relaunched(launch):
+        run_eval_clip_score(run, **kwargs)
 
 
 @eval_app.command("report")

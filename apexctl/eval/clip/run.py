@@ -35,8 +35,10 @@ def run_eval_clip_score(
     batch: int = 16,
     out: Path | None = None,
     quiet: bool = False,
+    check_only: bool = False,
 ) -> dict[str, Any] | None:
-    """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets)."""
+    """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets).
+    ``check_only``: check every input (weights, run, folders, prompts) and return None (before a launch)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -45,9 +47,10 @@ def run_eval_clip_score(
     from apexctl.eval.imagesets import image_prompts, read_prompts
     from apexctl.eval.sample_sets import ensure_set, load_run, student_spec, teacher_spec
 
-    clip_model = load_clip(clip)  # the missing-weights error comes before any generation
+    ranks = job_ranks() if not check_only else None
+    # the missing-weights error comes before any generation; a rank > 0 only checks them (the GPU is rank 0's)
+    clip_model = load_clip(clip, device=ranks.device if ranks is not None and ranks.main else "cpu")
     recipe = load_run(run) if run is not None else None
-    ranks = job_ranks()
     sets: list[tuple[str, Path]] = [(str(d), d) for d in images or []]
     for _, folder in sets:
         image_prompts(folder)  # every folder must say which prompt made each image
@@ -55,6 +58,9 @@ def run_eval_clip_score(
         if recipe is None or prompts_file is None:
             raise BadInput("nothing to score: pass --images DIR, or a RUN and --prompts FILE to generate images")
         prompts = read_prompts(prompts_file, num)
+    if ranks is None:
+        return None
+    if not images:
         specs = [student_spec(recipe, steps)]
         if teacher:
             specs.append(teacher_spec(recipe, teacher_steps, teacher_guidance))

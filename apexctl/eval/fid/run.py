@@ -35,8 +35,10 @@ def run_eval_fid(
     batch: int = 16,
     out: Path | None = None,
     quiet: bool = False,
+    check_only: bool = False,
 ) -> dict[str, Any] | None:
-    """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets)."""
+    """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets).
+    ``check_only``: check every input (run, prompts, folders, weights) and return None (before a launch)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -60,7 +62,9 @@ def run_eval_fid(
             plan.append((None, student_spec(recipe, steps)))
         else:
             plan.append((None, teacher_spec(recipe, teacher_steps, teacher_guidance)))
-    extractor = load_fid_inception(inception)
+    extractor = load_fid_inception(inception, device="cpu")  # on rank 0's device once the images exist
+    if check_only:
+        return None
     ranks = job_ranks()
 
     sides: list[tuple[Path, dict[str, Any]]] = []
@@ -77,6 +81,7 @@ def run_eval_fid(
     (gen_dir, gen_info), (ref_dir, ref_info) = sides
     if not ranks.main:
         return None
+    extractor = extractor.to(ranks.device)
     gen_files, ref_files = list_images(gen_dir, "--generated"), list_images(ref_dir, "--reference")
     t0 = time.perf_counter()
     value = fid_between(gen_files, ref_files, extractor, batch=batch, quiet=quiet)
