@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from data_util import CAPTIONS, fails, ok, recipe, write_folder
 
-import apexctl.data.prepare as prep
+import apexctl.data.build as prep  # where shards are written
 from apexctl.data.cache import LatentCache
 
 

@@ -58,7 +58,7 @@ def test_prepare_on_two_processes_resumes_after_a_kill_and_trains_like_one(home,
     one = digits_recipe(tmp_path / "one", "one", data={**data, "cache_dir": str(tmp_path / "c1")}, train={"steps": 3})
     two = digits_recipe(tmp_path / "two", "two", data={**data, "cache_dir": str(tmp_path / "c2")}, train={"steps": 3})
     ok(["prepare", one, "-q"])
-    kill = "1:apexctl.data.prepare:BuildState.finish:3:SIGKILL"  # rank 1: prompt shard 1, image shard 1, then dies
+    kill = "1:apexctl.data.build:BuildState.finish:3:SIGKILL"  # rank 1: prompt shard 1, image shard 1, then dies
     _launched(home, ["prepare", two], signal_at=kill, code=1)
     c2 = tmp_path / "c2"
     assert not (c2 / "manifest.json").exists()

@@ -4,7 +4,7 @@ Steps: list the source (captions only) → drop empty / over-long captions → e
 shards → decode images on DataLoader workers (or let the teacher synthesise them) and encode them into image shards
 → write ``prompts.json``, ``manifest.json`` and ``prepare_report.json``.
 
-Resumable and idempotent: ``build.json`` records what is being built; each finished shard has a sidecar ``.json``
+Resumable and idempotent (data/build.py): ``build.json`` records what is being built; each finished shard has a sidecar ``.json``
 (written after the shard, both atomically). A rerun keeps every shard whose sha256 matches its sidecar and writes
 only the rest; a rerun with other settings starts over. Nothing is written in place, so an interruption or a full
 disk leaves every finished shard valid.
@@ -20,14 +20,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from apexctl.atomic import write_text
+from apexctl.data.build import BuildState, items_hash
 from apexctl.data.cache import (
     CACHE_VERSION,
     MANIFEST,
@@ -36,15 +35,12 @@ from apexctl.data.cache import (
     manifest_hash,
     model_fingerprint,
 )
-from apexctl.data.report import REPORT_NAME, Report
-from apexctl.data.shards import quick_digest, sha256_file, write_shard
+from apexctl.data.report import Report
+from apexctl.data.shards import quick_digest, sha256_file
 from apexctl.data.sources import Item, Source
 from apexctl.errors import ApexError, BadInput
 from apexctl.ranks import Ranks, job_ranks
 from apexctl.recipe import DataSpec, Recipe, torch_dtype
-
-BUILD = "build.json"
-_V1_FILES = ("latents.safetensors", "prompts.safetensors", "pairs.safetensors")
 
 
 def resolved_cache_dtype(d: DataSpec) -> str:
@@ -99,68 +95,6 @@ def cache_identity(recipe: Recipe, model_dir: str, family: str) -> dict:
     }
 
 
-# -- build state (resume) -------------------------------------------------------------------------------------------
-class BuildState:
-    """What is being built (``build.json``) and which shards are finished (sidecars whose sha256 still matches)."""
-
-    def __init__(self, root: Path, plan: dict, *, join: bool = False) -> None:
-        """Start (or resume) the build of ``plan``; ``join``: a rank > 0, after rank 0 has done that."""
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        old = root / BUILD
-        same = old.is_file() and _read_json(old) == plan
-        if join and not same:
-            raise ApexError(f"{old}: does not describe this build (another prepare is writing {root}?)")
-        if not same:
-            # _V1_FILES: a version-1 (single-file) cache left in the same folder by an older apexctl
-            for name in (MANIFEST, PROMPTS_FILE, BUILD, REPORT_NAME, *_V1_FILES):
-                (root / name).unlink(missing_ok=True)
-            for sub in ("prompts", "images"):
-                shutil.rmtree(root / sub, ignore_errors=True)
-            write_text(old, json.dumps(plan, indent=1, sort_keys=True))
-        self.resumed = same
-
-    @classmethod
-    def open(cls, root: Path, plan: dict, ranks: Ranks) -> BuildState:
-        """The build state on every rank: rank 0 starts or resumes the build, then the others join it."""
-        state = cls(root, plan) if ranks.main else None
-        ranks.barrier()
-        return state if state is not None else cls(root, plan, join=True)
-
-    def done(self, name: str) -> dict | None:
-        """The sidecar of a finished, verified shard ``name`` (relative path), else None (a bad one is removed)."""
-        shard, side = self.root / name, self.root / (name.removesuffix(".safetensors") + ".json")
-        if side.is_file() and shard.is_file():
-            entry = _read_json(side)
-            if entry is not None and entry.get("sha256") == sha256_file(shard):
-                return entry
-        shard.unlink(missing_ok=True)
-        side.unlink(missing_ok=True)
-        return None
-
-    def finish(self, name: str, tensors: dict[str, torch.Tensor], extra: dict) -> dict:
-        """Write shard ``name`` and then its sidecar; the manifest is stale from now until the end of the run."""
-        (self.root / MANIFEST).unlink(missing_ok=True)
-        entry = write_shard(self.root / name, tensors)
-        entry = {**entry, "file": name, **extra}
-        write_text(self.root / (name.removesuffix(".safetensors") + ".json"), json.dumps(entry, sort_keys=True))
-        return entry
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _items_hash(items: Sequence[Item]) -> str:
-    h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps([it.index, it.key, list(it.captions), it.seed]).encode())
-    return h.hexdigest()[:16]
-
-
 # -- progress -------------------------------------------------------------------------------------------------------
 def _speed_column():
     from rich.progress import ProgressColumn
@@ -206,7 +140,7 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
         "version": CACHE_VERSION,
         "identity": identity,
         "shard_size": d.shard_size,
-        "items": _items_hash(items),
+        "items": items_hash(items),
         "num_items": len(items),
         "num_prompts": len(prompts),
     }
