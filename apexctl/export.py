@@ -2,8 +2,9 @@
 end of training and, by ``apexctl export``, from any complete checkpoint (by default the newest one that loads).
 
 A checkpoint is accelerate's ``save_state`` folder: ``model.safetensors`` (the denoiser's state dict, adapter keys
-included) and one pickle per registered object; the EMA is found by its content (``{"decay", "shadow"}``), not by
-its registration index, so the export does not depend on the trainer's registration order.
+included; the adapter alone for a run with a quantised base) and one pickle per registered object; the EMA is found
+by its content (``{"decay", "shadow"}``), not by its registration index, so the export does not depend on the
+trainer's registration order.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ Weights = Literal["ema", "live"]
 
 
 def write_export(backbone, recipe: Recipe, folder: Path, model_dir: str | Path) -> Path:
-    """LoRA runs: the adapter in diffusers format (+ ComfyUI when asked); full runs: a complete model folder."""
+    """LoRA runs: the adapter in diffusers format (+ ComfyUI when asked), the base's quantisation recorded in its
+    ``apexctl_lora.json`` (the LoRA itself is a plain one); full runs: a complete model folder."""
     if recipe.model.lora is not None:
-        return backbone.save_lora(folder, comfyui="comfyui" in recipe.output.lora_formats)
+        info = {"trained_on_quantized_base": recipe.model.quantize} if recipe.model.quantize != "none" else None
+        return backbone.save_lora(folder, comfyui="comfyui" in recipe.output.lora_formats, info=info)
     backbone.save_pretrained(folder, source=model_dir)
     return folder
 
@@ -74,6 +77,30 @@ def _load_into(transformer: torch.nn.Module, folder: Path, weights: Weights) -> 
             f"{folder}/model.safetensors does not match the run's model ({len(missing)} missing, "
             f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]!r})"
         )
+    _load_ema(transformer, folder, weights)
+
+
+@torch.no_grad()
+def _load_trained_into(transformer: torch.nn.Module, folder: Path, weights: Weights) -> None:
+    """:func:`_load_into` for a run with a quantised base, whose checkpoints hold the trained tensors alone
+    (training/checkpoint.py): they go onto the unquantised base, which a LoRA export does not write anyway."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    trained = [n for n, p in transformer.named_parameters() if p.requires_grad]
+    lacking = [n for n in trained if n not in state]
+    unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys
+    if lacking or unexpected:
+        raise BadInput(
+            f"{folder}/model.safetensors does not match the run's model ({len(lacking)} of its trained tensors "
+            f"missing, {len(unexpected)} unexpected keys, e.g. {(lacking or unexpected)[0]!r})"
+        )
+    _load_ema(transformer, folder, weights)
+
+
+@torch.no_grad()
+def _load_ema(transformer: torch.nn.Module, folder: Path, weights: Weights) -> None:
+    """``ema``: the checkpoint's EMA shadows over ``transformer``'s trained parameters."""
     if weights == "ema":
         ema = _ema_state(folder)
         if ema is None:
@@ -144,7 +171,9 @@ def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema"
     model_dir = resolve_model_path(recipe.model.path)
     backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
     make_trainable(backbone, recipe.model.lora)  # as trained: the same parameters, the same dtypes
-    step, _ = load_checkpoint(run, which, lambda folder: _load_into(backbone.transformer, folder, weights))
+    # a quantised base is not in the checkpoint, and not needed here
+    load = _load_trained_into if recipe.model.quantize != "none" else _load_into
+    step, _ = load_checkpoint(run, which, lambda folder: load(backbone.transformer, folder, weights))
     kind = "lora" if recipe.model.lora is not None else "model"
     out = Path(out) if out is not None else run / "exports" / f"step-{step:06d}-{kind}-{weights}"
     return write_export(backbone, recipe, out, model_dir)

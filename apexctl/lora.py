@@ -49,7 +49,11 @@ def add_lora(transformer: nn.Module, *, rank: int, alpha: float, targets: list[s
         init_lora_weights=True if init == "default" else init,
     )
     try:
-        transformer.add_adapter(config)
+        with warnings.catch_warnings():
+            # a torchao-quantised base (model.quantize): peft warns that merge() would fail; apexctl never merges
+            # into the quantised base (merge-lora merges into the unquantised one from disk)
+            warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+            transformer.add_adapter(config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise BadInput(
             f"model.lora.targets {targets}: {str(exc).splitlines()[0]} Module names that exist in "
@@ -154,10 +158,12 @@ def save_comfyui(transformer: nn.Module, folder: Path) -> Path:
     return path
 
 
-def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str | Path, *, family: str) -> Path:
+def save_diffusers_lora(
+    transformer: nn.Module, pipeline_class: str, dest: str | Path, *, family: str, info: dict | None = None
+) -> Path:
     """``<pipeline_class>.save_lora_weights`` with the adapter metadata (so ``lora_alpha`` survives) plus
-    ``apexctl_lora.json`` naming the family, written to a temporary sibling folder and renamed; an all-zero adapter
-    is refused."""
+    ``apexctl_lora.json`` naming the family (and ``info``'s keys), written to a temporary sibling folder and renamed;
+    an all-zero adapter is refused."""
     import diffusers
 
     from apexctl.atomic import atomic_dir
@@ -173,7 +179,7 @@ def save_diffusers_lora(transformer: nn.Module, pipeline_class: str, dest: str |
             weight_name=WEIGHT_NAME,
             transformer_lora_adapter_metadata=adapter_metadata(transformer),
         )
-        (tmp / LORA_MARKER).write_text(json.dumps({"family": family, "pipeline": pipeline_class}))
+        (tmp / LORA_MARKER).write_text(json.dumps({"family": family, "pipeline": pipeline_class} | (info or {})))
     return dest
 
 

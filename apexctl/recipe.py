@@ -51,6 +51,12 @@ class ModelSpec(_Strict):
     )
 
     lora: LoraSpec | None = Field(None, description="train a LoRA adapter instead of all weights")
+    quantize: Literal["none", "int8", "fp8", "nf4"] = Field(
+        "none",
+        description="LoRA runs: store the frozen base's transformer-block Linear weights in int8 / fp8 (torchao) or "
+        "nf4 (bitsandbytes), dequantised in each matmul to model.dtype; the adapter stays fp32 "
+        "(docs/quantization.md)",
+    )
 
     @property
     def torch_dtype(self):
@@ -67,6 +73,10 @@ class SynthesizeSpec(_Strict):
     seed: int = Field(0, description="image k of prompt i uses seed + images_per_prompt·i + k (recorded per sample)")
     batch: int = Field(8, gt=0)
     export_dir: str | None = Field(None, description="also write the images as a metadata.jsonl image folder")
+    quantize: Literal["none", "int8", "fp8", "nf4"] = Field(
+        "none",
+        description="draw with the teacher's transformer blocks quantised (as model.quantize; part of the cache)",
+    )
 
 
 class DataSpec(_Strict):
@@ -239,6 +249,7 @@ class Recipe(_Strict):
     def _combinations(self) -> Recipe:
         m, hw = self.method, self.hardware
         fsdp = hw.strategy == "fsdp"
+        self._check_quantize(fsdp)
         if hw.offload and not fsdp:
             raise Refused(
                 "hardware.offload",
@@ -281,6 +292,25 @@ class Recipe(_Strict):
                 "is not sharded); use strategy 'ddp', or method.critic = 'shifted'",
             )
         return self
+
+    def _check_quantize(self, fsdp: bool) -> None:
+        """``model.quantize`` quantises a frozen base: it needs one (a LoRA run) and a base that is not sharded."""
+        q = self.model.quantize
+        if q == "none":
+            return
+        if self.model.lora is None:
+            raise Refused(
+                "model.quantize",
+                f"model.quantize = '{q}' quantises the frozen base under a LoRA, and a full fine-tune (no model.lora) "
+                "trains every weight; set model.lora, or model.quantize = 'none'",
+            )
+        if fsdp:
+            raise Refused(
+                "model.quantize",
+                f"model.quantize = '{q}' is not supported with hardware.strategy = 'fsdp' (it shards plain weights, "
+                "not quantised ones); use strategy 'ddp' (each process holds the quantised base), or "
+                "model.quantize = 'none'",
+            )
 
     @property
     def ema_decay(self) -> float | None:

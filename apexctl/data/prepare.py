@@ -79,6 +79,8 @@ def data_settings(d: DataSpec, model_dir: str) -> dict:
             "seed": sy.seed,
             "teacher": model_fingerprint(model_dir, ("transformer", "scheduler")),
         }
+        if sy.quantize != "none":  # only then: caches built before the key existed keep their identity
+            s["synthesize"]["quantize"] = sy.quantize
     return s
 
 
@@ -113,7 +115,8 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
     """Build (or resume, or verify and keep) the cache of ``recipe.data``; returns the cache folder."""
     from apexctl.data.captions import filter_captions
     from apexctl.data.sources import open_source
-    from apexctl.models import load_for_recipe, resolve_model_path
+    from apexctl.data.synthesize import load_teacher
+    from apexctl.models import resolve_model_path
 
     ranks = job_ranks(recipe.hardware.device)
     if limit is not None:
@@ -123,7 +126,7 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
         raise BadInput("data.buckets is not supported with data.source = 'prompts' (the teacher draws at resolution)")
     source = open_source(d)  # a missing source or column fails here, before any model is loaded
     model_dir = resolve_model_path(recipe.model.path)
-    backbone = load_for_recipe(recipe.model, model_dir).to(ranks.device)
+    backbone = load_teacher(recipe, model_dir, ranks.device).to(ranks.device)
     t0 = time.perf_counter()  # throughput counts listing checks + encoding, not imports and model loading
     identity = cache_identity(recipe, model_dir, backbone.family)
     root = Path(d.cache_dir)

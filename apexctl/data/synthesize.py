@@ -16,7 +16,21 @@ import torch
 
 from apexctl.atomic import atomic_dir
 from apexctl.models.base import Backbone
-from apexctl.recipe import SynthesizeSpec
+from apexctl.recipe import Recipe, SynthesizeSpec
+
+
+def load_teacher(recipe: Recipe, model_dir: str | Path, device: torch.device | str | None = None) -> Backbone:
+    """The recipe's model as ``prepare`` uses it (encoders, codec and, for prompt-only data, the teacher), its
+    transformer blocks quantised on ``device`` when ``data.synthesize.quantize`` asks (the library is checked
+    before it loads; the encoders and codec are never quantised)."""
+    from apexctl.models import load_for_recipe
+    from apexctl.models.quantize import quantize_backbone, require
+
+    scheme = recipe.data.synthesize.quantize if recipe.data.synthesize is not None else "none"
+    require(scheme, "data.synthesize.quantize")
+    backbone = load_for_recipe(recipe.model, model_dir)
+    quantize_backbone(backbone, scheme, key="data.synthesize.quantize", device=device)
+    return backbone
 
 
 @torch.no_grad()
@@ -55,7 +69,7 @@ def export_image_folder(cache_root: Path, backbone: Backbone, out_dir: str | Pat
 
     cache = LatentCache.open(cache_root, verify="none")
     prompts = cache.prompts
-    dtype = next(backbone.transformer.parameters()).dtype
+    dtype = backbone.compute_dtype
     rows = []
     with atomic_dir(Path(out_dir)) as tmp:
         for shard in cache.image_shards():

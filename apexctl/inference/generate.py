@@ -27,7 +27,7 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
 
 
 def _dtype(backbone: Backbone) -> torch.dtype:
-    return next(backbone.transformer.parameters()).dtype
+    return backbone.compute_dtype
 
 
 @torch.no_grad()

@@ -18,8 +18,11 @@ from torch import nn
 from apexctl.engine.cond import Cond
 from apexctl.errors import BadInput
 from apexctl.hub import quiet_hub_progress, write_json
+from apexctl.models.quantize import silence_import_noise
 
 __all__ = ["Backbone", "Cond", "PixelCodec", "ScaledKLCodec"]
+
+silence_import_noise()  # the quantisation libraries' import-time warnings, when installed (models/quantize.py)
 
 
 #: marks a folder written by apexctl and names its family
@@ -158,13 +161,13 @@ class Backbone(ABC, nn.Module):
     #: whether core ComfyUI maps this family's diffusers-named LoRA keys onto its own model (see lora.to_comfyui)
     comfyui: bool = False
 
-    def save_lora(self, path: str | Path, *, comfyui: bool = False) -> Path:
+    def save_lora(self, path: str | Path, *, comfyui: bool = False, info: dict | None = None) -> Path:
         """Write the denoiser's ``default`` adapter in the family pipeline's diffusers LoRA format (alpha kept), and
-        with ``comfyui`` also ``comfyui_lora.safetensors`` beside it."""
+        with ``comfyui`` also ``comfyui_lora.safetensors`` beside it; ``info`` is added to ``apexctl_lora.json``."""
         from apexctl.lora import check_lora_formats, save_comfyui, save_diffusers_lora
 
         check_lora_formats(self, ["comfyui"] if comfyui else [])
-        out = save_diffusers_lora(self.transformer, self.pipeline_class, path, family=self.family)
+        out = save_diffusers_lora(self.transformer, self.pipeline_class, path, family=self.family, info=info)
         if comfyui:
             save_comfyui(self.transformer, out)
         return out
@@ -212,6 +215,27 @@ class Backbone(ABC, nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+    #: the base's quantisation scheme (``model.quantize``; set by apexctl.models.quantize), "none" when unquantised
+    quantization: str = "none"
+    _compute_dtype: torch.dtype | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the denoiser computes in, which every caller casts its inputs to: the one recorded by
+        :meth:`set_compute_dtype` (a quantised base, whose weights are stored as int8 / float8 / packed 4-bit
+        codes), else the dtype of the denoiser's first floating-point weight outside the adapter (the dtype it was
+        loaded in; fp32 once full tuning has cast it)."""
+        if self._compute_dtype is not None:
+            return self._compute_dtype
+        for name, p in self.transformer.named_parameters():
+            if p.is_floating_point() and "lora_" not in name:
+                return p.dtype
+        return torch.float32
+
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        """Record the compute dtype (None: read it from the weights again)."""
+        self._compute_dtype = dtype
 
     def native_size(self) -> int | None:
         """The image side (pixels) the family's stock pipeline draws when given no height/width; None: unknown.

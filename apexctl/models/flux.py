@@ -107,7 +107,7 @@ class FluxBackbone(ScaledKLCodec, PooledText, PipelineBackbone):
         ``cond.mask`` is not used: the Flux transformer has no attention mask (all tokens attend, as in the pipeline).
         """
         b, _, h, w = x_t.shape
-        dtype = self.transformer.x_embedder.weight.dtype
+        dtype = self.compute_dtype
         device = x_t.device
         t = torch.as_tensor(t, device=device).reshape(-1).expand(b).float()
         # the pipeline passes (σ · 1000 in fp32, cast to the latents' dtype) / 1000
@@ -117,7 +117,7 @@ class FluxBackbone(ScaledKLCodec, PooledText, PipelineBackbone):
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full([b], self.embedded_guidance, device=device, dtype=torch.float32)
-        text_dtype = self.text_encoder.dtype if self.text_encoder is not None else self.transformer.dtype
+        text_dtype = self.text_encoder.dtype if self.text_encoder is not None else dtype
         out = self.denoiser(
             hidden_states=pack_latents(x_t.to(dtype)),
             timestep=timestep,

@@ -139,7 +139,7 @@ class QwenImageBackbone(PipelineBackbone):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Packs 2×2, calls the transformer with ``timestep = t`` and unpacks; the output is already ``z − x``."""
         b, _, h, w = x_t.shape
-        dtype = self.transformer.img_in.weight.dtype
+        dtype = self.compute_dtype
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)
         mask = cond.mask
         # As QwenImagePipeline.encode_prompt: no mask when nothing is padded (lets SDPA pick its fastest kernel).

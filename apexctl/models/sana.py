@@ -187,7 +187,7 @@ class SanaBackbone(PipelineBackbone):
         """Calls the transformer with ``timestep = t · num_train_timesteps · timestep_scale``; the output (first half
         for a learned-sigma head) is already ``z − x``."""
         b, c = x_t.shape[:2]
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).reshape(-1).expand(b)
         # the pipeline: scheduler timesteps (σ·T, fp32), then × timestep_scale
         timestep = t * float(self.scheduler.config.num_train_timesteps)

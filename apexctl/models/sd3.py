@@ -87,7 +87,7 @@ class SD3Backbone(ScaledKLCodec, PooledText, PipelineBackbone):
         ``cond.mask`` is not used: the SD3 transformer has no attention mask (all tokens attend, as in the pipeline).
         """
         b = x_t.shape[0]
-        dtype = self.transformer.pos_embed.proj.weight.dtype
+        dtype = self.compute_dtype
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b).float()
         # the pipeline passes the scheduler's fp32 timesteps (σ · 1000) whatever the transformer dtype
         timestep = t * float(self.scheduler.config.num_train_timesteps)

@@ -167,7 +167,7 @@ class ZImageBackbone(ScaledKLCodec, PipelineBackbone):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """``−F([x_t[i][:, None]], 1 − t, [valid tokens of row i])`` stacked back to ``[B, C, h, w]``."""
         b = x_t.shape[0]
-        dtype = self.transformer.dtype
+        dtype = self.compute_dtype
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).reshape(-1).expand(b)
         # the pipeline: scheduler timestep σ·T (fp32), then (1000 − timestep) / 1000
         timestep = (1000 - t * float(self.scheduler.config.num_train_timesteps)) / 1000

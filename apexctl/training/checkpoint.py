@@ -5,6 +5,7 @@ A checkpoint is accelerate's ``save_state`` folder — ``model.safetensors``, ``
 ``random_states_R.pkl`` per rank and one ``custom_checkpoint_I.pkl`` per registered object (LR schedule, pair
 sampler, step counter, condition shift, then the EMA, the separate critic and the FSDP optimizer when present) —
 plus ``COMPLETE``, a JSON marker written last (step, world size, global batch, replica checksums, wall time so far).
+A quantised base (``model.quantize``) is not stored (:func:`keep_base_out`): every start quantises it again, exactly.
 
 Writing: ``step-N.tmp`` → ``COMPLETE`` → rename to ``step-N``. Removing (pruning, or replacing a step written
 again): rename to a hidden ``.step-N.pruned-PID`` first, then delete, so a kill at any moment leaves either the
@@ -168,6 +169,32 @@ def param_checksum(params: list[torch.Tensor]) -> float:
             t = p.detach().double()
             total += (i + 1) * float(t.sum()) + float(t.abs().sum())
     return total
+
+
+def keep_base_out(acc, transformer: torch.nn.Module) -> None:
+    """Keep a quantised frozen base (rebuilt alike on every rank at every start) out of DDP, whose wrap-time broadcast
+    cannot take torchao's tensors, and out of checkpoints (model.safetensors: the trained tensors). Before prepare."""
+    from safetensors.torch import load_file
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    frozen = [n for n, p in transformer.named_parameters() if not p.requires_grad]
+    DDP._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
+
+    def save_hook(models, weights, output_dir) -> None:
+        i = next(i for i, m in enumerate(models) if acc.unwrap_model(m) is transformer)
+        weights[i] = {n: p.detach().cpu() for n, p in transformer.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_hook(models, input_dir) -> None:
+        i = next(i for i, m in enumerate(models) if acc.unwrap_model(m) is transformer)
+        models.pop(i)  # accelerate would load it whole and strictly
+        state = load_file(str(Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")))
+        for n, p in transformer.named_parameters():  # a missing key or a wrong shape: the checkpoint does not load
+            if p.requires_grad:
+                p.copy_(state[n])
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
 
 
 def save_checkpoint(sess: Session, step: int, info: dict | None = None) -> Path:

@@ -37,7 +37,7 @@ def sample_grid(sess: Session, step: int) -> Path | None:
     k = tr.sample_images
     rows = [r for r in sess.sample_rows for _ in range(k)]
     seeds = [sess.recipe.sample.seed + j for _ in sess.sample_rows for j in range(k)]
-    dtype = next(sess.transformer.parameters()).dtype
+    dtype = bb.compute_dtype
     z = seeded_noise(tuple(cache.latents.shape[1:]), seeds).to(sess.acc.device, dtype)
     cond = cache.cond(torch.tensor(rows)).to(sess.acc.device, dtype)
     use_ema = sess.ema is not None and tr.export != "live"

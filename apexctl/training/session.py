@@ -21,6 +21,7 @@ from apexctl.errors import BadInput
 from apexctl.export import write_export
 from apexctl.lora import adapters_disabled, check_lora_formats, make_trainable
 from apexctl.recipe import Recipe
+from apexctl.training.checkpoint import keep_base_out
 from apexctl.training.closures import (
     CriticState,
     make_critic,
@@ -60,6 +61,7 @@ def setup(recipe: Recipe, acc) -> Session:
 
     from apexctl.data.prepare import cache_identity
     from apexctl.models import load_for_recipe, resolve_model_path
+    from apexctl.models.quantize import quantize_backbone, require
 
     hw, tr, m = recipe.hardware, recipe.train, recipe.method
     global_batch = check_world(recipe, acc.num_processes)
@@ -67,6 +69,7 @@ def setup(recipe: Recipe, acc) -> Session:
     # same on every rank (loaded, or LoRA-initialised on each rank and broadcast from rank 0 by DDP)
     set_seed(tr.seed, device_specific=True)
 
+    require(recipe.model.quantize)  # a missing library is exit 2 before anything loads
     model_dir = resolve_model_path(recipe.model.path)
     # the codec is needed only for sample grids, and only on rank 0 (training reads latents from the cache)
     want_codec = tr.sample_every is not None and acc.is_main_process
@@ -78,6 +81,11 @@ def setup(recipe: Recipe, acc) -> Session:
     transformer = backbone.transformer
     if lora is not None:
         check_lora_formats(backbone, recipe.output.lora_formats)
+    # before the adapter: peft then wraps the quantised layers; the one quantised base serves the student, the EMA
+    # adapter, the base reference (adapters off) and a separate critic (make_critic shares frozen parameters)
+    quantized = quantize_backbone(backbone, recipe.model.quantize, device=acc.device)
+    if quantized is not None:
+        acc.print(quantized.describe())
     make_trainable(backbone, lora)
     transformer.train()
     if hw.gradient_checkpointing:
@@ -120,6 +128,8 @@ def setup(recipe: Recipe, acc) -> Session:
         groups.append({"params": list(head.parameters()), "lr": m.gan_lr or tr.lr, "weight_decay": 0.0})
     opt = make_optimizer(recipe, groups)
     sched = make_schedule(recipe, opt)
+    if quantized is not None:  # rebuilt at every start: out of DDP's broadcast and of checkpoints (the adapter only)
+        keep_base_out(acc, transformer)
     if fsdp:  # not through acc.prepare (it would wrap the model in DDP); checkpoints go through fsdp.OptimizerState
         wrapped = transformer
         shift.to(acc.device)

@@ -89,6 +89,7 @@ def generate_geneval(
         for i in selection
         for k in range(per_prompt)
     ]
+
     def record() -> None:  # once the models have loaded, so a failed first try does not pin the settings
         write_text(root / GENERATION_FILE, json.dumps(settings, indent=1) + "\n")
 
