@@ -14,8 +14,8 @@ stage runs):
    at CFG 2) on CUDA, after a short digits teacher run: items/s from prepare_report.json.
 4. ``digits_bf16``: the digits teacher and the default student in bf16 (shortened: ``--teacher-steps`` /
    ``--student-steps``), then ``apexctl eval digits``: FD, coverage, alignment, seed diversity.
-5. ``memory``: bench/memory.py for one and two full-width Qwen-Image blocks on the GPU (torch.cuda peak) beside the
-   CPU-measured table shipped in apexctl/models/configs/activations.json.
+5. ``memory``: bench/memory.py --quick for full-width Qwen-Image blocks on the GPU (torch.cuda peaks), to set
+   beside the CPU-measured table shipped in apexctl/models/configs/activations.json.
 
 The JSON holds, per stage: the command, exit status, seconds, the tail of its output and the numbers it produced;
 it is rewritten after every stage, so a run cut short still reports what finished.
@@ -99,18 +99,9 @@ def stages(work: Path, teacher_steps: int, student_steps: int) -> list[dict]:
             "name": "memory",
             "limit": 70,
             "commands": [
-                [
-                    sys.executable,
-                    "bench/memory.py",
-                    "--families",
-                    "qwen_image",
-                    "--device",
-                    "cuda",
-                    "--out",
-                    work / "memory.jsonl",
-                ],  # fmt: skip
+                [sys.executable, "bench/memory.py", "--families", "qwen_image", "--quick", "--out", work / "memory"]
             ],
-            "result": work / "memory.jsonl",
+            "result": work / "memory" / "memory.jsonl",
         },
     ]
 

@@ -32,26 +32,30 @@ def published_config() -> dict:
     return json.loads(resources.files("apexctl.models").joinpath("configs/qwen_image.json").read_text())
 
 
+def _memory():
+    """bench/memory.py as a module: the builder every bench shares (a family's Backbone around a random
+    transformer built directly on the device, no text encoder, no codec)."""
+    import importlib.util
+    import sys
+
+    name = "apexctl_bench_memory"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("memory.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up by name
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 def build_backbone(tiny: bool, device: torch.device, dtype: torch.dtype):
     """QwenImageBackbone around a randomly initialised transformer built directly on ``device`` in ``dtype``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-
-    from apexctl.models.qwen_image import QwenImageBackbone
-
     cfg = published_config()
     tcfg = {k: v for k, v in cfg["transformer"].items() if not k.startswith("_")}
     if tiny:  # same module names and shapes per head, 2 layers and 2 heads: a CPU-sized model
         tcfg.update(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64)
         tcfg["axes_dims_rope"] = [8, 12, 12]
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # allocate in bf16 directly: 20 B parameters in fp32 would not fit
-    try:
-        with torch.device(device):
-            transformer = QwenImageTransformer2DModel(**tcfg)
-    finally:
-        torch.set_default_dtype(previous)
-    vae = {k: v for k, v in cfg["vae"].items() if not k.startswith("_")}
-    return QwenImageBackbone(transformer, FlowMatchEulerDiscreteScheduler(), codec_config=vae), tcfg
+    full = {"_class_name": cfg["transformer"]["_class_name"], **tcfg}
+    return _memory().build_backbone("qwen_image", full, cfg["vae"], device, dtype), tcfg
 
 
 def main() -> None:
