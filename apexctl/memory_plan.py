@@ -137,6 +137,22 @@ def count_on_meta(config: dict, lora=None, targets: list[str] | None = None) -> 
         return None
 
 
+def quantized_on_meta(config: dict, scheme: str) -> int | None:
+    """Weights ``model.quantize = scheme`` stores quantised: the block Linears the scheme can hold (quantize.py's own
+    rule), counted on the meta device."""
+    try:
+        import diffusers
+        from accelerate import init_empty_weights
+
+        from apexctl.models.quantize import block_linears, quantizable
+
+        with init_empty_weights():
+            model = getattr(diffusers, config["_class_name"]).from_config(config)
+        return sum(lin.weight.numel() for _, _, _, lin in block_linears(model) if quantizable(scheme, lin) is None)
+    except Exception:  # an estimate only
+        return None
+
+
 def _transformer_config(r: Recipe) -> tuple[dict, Path | None, str, str | None] | None:
     """(transformer config, local model folder or None, where it came from, shipped config name or None)."""
     path = r.model.path
@@ -266,7 +282,12 @@ def memory_lines(r: Recipe) -> list[str]:
     t, h = r.train, r.hardware
     dtype_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[r.model.dtype]
     frozen = total - trainable
-    weights = frozen * dtype_bytes + trainable * 4
+    scheme = r.model.quantize
+    quantized = (quantized_on_meta(config, scheme) or 0) if scheme != "none" else 0
+    from apexctl.models.quantize import BYTES_PER_WEIGHT
+
+    # model.quantize: those base weights in the scheme's measured bytes per weight (codes + scales), the rest as is
+    weights = (frozen - quantized) * dtype_bytes + quantized * BYTES_PER_WEIGHT.get(scheme, 0) + trainable * 4
     grads = trainable * 4
     adam = trainable * (2 if t.optimizer == "adamw8bit" else 8)
     ema = trainable * 4 if r.ema_decay is not None else 0
@@ -287,7 +308,8 @@ def memory_lines(r: Recipe) -> list[str]:
     return [
         f"params     {total:,} denoiser parameters"
         + (f" (base {frozen:,} + adapter {trainable:,})" if lora is not None else "")
-        + f", {trainable:,} trainable ({what}; {source}, meta device)",
+        + f", {trainable:,} trainable ({what}; {source}, meta device)"
+        + (f"; {quantized:,} base weights stored {scheme} (model.quantize)" if quantized else ""),
         f"memory     per GPU ≈ {(state + acts) / _GIB:.2f} GiB: weights {weights / shards / _GIB:.2f} + grads "
         f"{grads / shards / _GIB:.2f} + {t.optimizer} states {adam / shards / _GIB:.2f} + EMA {ema / shards / _GIB:.2f}"
         + (f" + base copy {base / _GIB:.2f}" if base else "")

@@ -271,3 +271,23 @@ def test_flops_of_the_whole_model_are_blocks_times_per_block_plus_rest():
     assert (
         a["forward_flops"] == a["forward_flops_counted_whole"] == 60 * a["per_block_flops"]["block"] + a["rest_flops"]
     )
+
+
+@pytest.mark.parametrize("scheme, per_weight", [("int8", 1.002), ("fp8", 1.001), ("nf4", 0.516)])
+def test_quantized_base_shrinks_the_weight_term_by_the_schemes_bytes(scheme, per_weight):
+    """model.quantize on qwen_lora.yaml: the block Linears (all but 0.23 % of the base) in the scheme's bytes per
+    weight, the rest in bf16, the adapter in fp32 — int8 about half the bf16 base's term, nf4 about a quarter."""
+    r = load_recipe(ROOT / "recipes" / "qwen_lora.yaml")
+    q = load_recipe(ROOT / "recipes" / "qwen_lora.yaml", [f"model.quantize={scheme}"])
+
+    def weights(lines: list[str]) -> float:
+        return float(re.search(r"weights (?P<w>[\d.]+) \+", lines[1])["w"])
+
+    base, adapter = 20_430_401_088, 425_279_488
+    stored = 20_384_317_440  # the 60 blocks' Linear weights (quantize.block_linears), counted on meta
+    lines = memory_lines(q)
+    assert f"{stored:,} base weights stored {scheme}" in lines[0]
+    want = ((base - stored) * 2 + stored * per_weight + adapter * 4) / GIB
+    assert weights(lines) == pytest.approx(want, abs=0.006)
+    bf16_base = weights(memory_lines(r)) - adapter * 4 / GIB
+    assert (weights(lines) - adapter * 4 / GIB) / bf16_base == pytest.approx(per_weight / 2, abs=0.002)
