@@ -191,6 +191,17 @@ class HardwareSpec(_Strict):
     gradient_checkpointing: bool = False
     offload: bool = Field(False, description="CPU offload of parameters under FSDP")
     threads: int | None = Field(None, gt=0, description="torch CPU threads")
+    offload_activations: bool = Field(
+        False,
+        description="keep the tensors the training forward saves for backward in (pinned) CPU memory, copied back "
+        "in backward (the weights stay; docs/training.md)",
+    )
+    ema_on_cpu: bool = Field(False, description="keep the EMA shadow in CPU memory and update it there")
+    offload_base: bool = Field(
+        False,
+        description="LoRA runs: keep the frozen base's transformer-block weights in CPU memory and stream each "
+        "block to the device for its forward (needs gradient_checkpointing; slower: docs/training.md)",
+    )
 
 
 class SampleSpec(_Strict):
@@ -250,6 +261,7 @@ class Recipe(_Strict):
         m, hw = self.method, self.hardware
         fsdp = hw.strategy == "fsdp"
         self._check_quantize(fsdp)
+        self._check_offload(fsdp)
         if hw.offload and not fsdp:
             raise Refused(
                 "hardware.offload",
@@ -310,6 +322,57 @@ class Recipe(_Strict):
                 f"model.quantize = '{q}' is not supported with hardware.strategy = 'fsdp' (it shards plain weights, "
                 "not quantised ones); use strategy 'ddp' (each process holds the quantised base), or "
                 "model.quantize = 'none'",
+            )
+
+    def _check_offload(self, fsdp: bool) -> None:
+        """The one-GPU offloads of ``hardware``: each where it works, refused (one line) where it cannot."""
+        hw = self.hardware
+        if hw.offload_activations and fsdp:
+            raise Refused(
+                "hardware.offload_activations",
+                "hardware.offload_activations = true is not supported with hardware.strategy = 'fsdp' yet; use "
+                "hardware.offload (FSDP's own CPU offload), or strategy 'ddp'",
+            )
+        if hw.ema_on_cpu:
+            if fsdp:
+                raise Refused(
+                    "hardware.ema_on_cpu",
+                    "hardware.ema_on_cpu = true: hardware.strategy = 'fsdp' keeps no EMA (the shadow would be "
+                    "sharded); use strategy 'ddp', or hardware.ema_on_cpu = false",
+                )
+            if self.ema_decay is None:
+                raise Refused(
+                    "hardware.ema_on_cpu",
+                    "hardware.ema_on_cpu = true but this run keeps no EMA (train.ema_decay is null and "
+                    "method.reference is not 'ema'); set train.ema_decay, or hardware.ema_on_cpu = false",
+                )
+        if hw.offload_base:
+            self._check_offload_base(fsdp)
+
+    def _check_offload_base(self, fsdp: bool) -> None:
+        hw, why = self.hardware, None
+        if self.model.lora is None:
+            why = (
+                "streams the frozen base under a LoRA, and a full fine-tune (no model.lora) trains every weight "
+                "(its optimizer needs them on the device); set model.lora"
+            )
+        elif fsdp:
+            why = "is not supported with hardware.strategy = 'fsdp' (it shards the blocks instead); use strategy 'ddp'"
+        elif self.model.quantize != "none":
+            why = (
+                f"with model.quantize = '{self.model.quantize}' is not supported yet (moving quantised weights "
+                "between devices per forward is untested); use model.quantize = 'none'"
+            )
+        elif self.method.critic == "separate":
+            why = "with method.critic = 'separate' is not supported yet (the critic copy has no hooks); use 'shifted'"
+        elif not hw.gradient_checkpointing:
+            why = (
+                "needs hardware.gradient_checkpointing = true (without it backward keeps every block's streamed "
+                "weights on the device, so nothing is saved)"
+            )
+        if why is not None:
+            raise Refused(
+                "hardware.offload_base", f"hardware.offload_base = true {why}, or hardware.offload_base = false"
             )
 
     @property

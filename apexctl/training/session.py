@@ -5,6 +5,7 @@ writes at the end. The only module of the training package that imports the mode
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from apexctl.training.closures import (
 from apexctl.training.grids import sample_rows
 from apexctl.training.hardware import broadcast_from_rank0, check_world
 from apexctl.training.objectives import build_objective
+from apexctl.training.offload import install_block_offload
 from apexctl.training.optim import make_optimizer, make_schedule
 from apexctl.training.state import Session, StepCounter
 
@@ -96,6 +98,9 @@ def setup(recipe: Recipe, acc) -> Session:
         transformer.enable_gradient_checkpointing()
     shift = _make_shift(recipe, backbone, acc)
     fsdp = hw.strategy == "fsdp"
+    # hardware.offload_base (recipe-validated: LoRA, not FSDP/quantised/separate critic): the blocks' frozen base
+    # stays in CPU memory, streamed per forward; parked while the model moves to the device below
+    offload = install_block_offload(transformer, acc.device) if hw.offload_base else None
     if fsdp:  # shard before the optimizer exists: it steps the sharded (DTensor) parameters
         from apexctl.training import fsdp as fsdp_mod
 
@@ -134,7 +139,9 @@ def setup(recipe: Recipe, acc) -> Session:
         wrapped = transformer
         shift.to(acc.device)
     else:
-        wrapped, opt = acc.prepare(transformer, opt)
+        with offload.parked() if offload is not None else nullcontext():
+            wrapped, opt = acc.prepare(transformer, opt)
+            backbone.to(acc.device)
         backbone.set_forward_module(wrapped)
         shift.to(acc.device)
         if tt_embed is not None:  # initialised from each rank's own RNG stream: rank 0's everywhere
@@ -142,7 +149,6 @@ def setup(recipe: Recipe, acc) -> Session:
             broadcast_from_rank0(acc, tt_embed)
         if head is not None:
             head.to(acc.device)
-        backbone.to(acc.device)
         if critic is not None:  # equal to the model as prepared (DDP broadcast rank 0's weights, e.g. a LoRA init)
             critic.to(acc.device)
             with torch.no_grad():
@@ -156,7 +162,8 @@ def setup(recipe: Recipe, acc) -> Session:
         base = {n: p.detach().clone() for n, p in named}
 
     ema_decay = recipe.ema_decay  # train.ema_decay, or the reference EMA of method.reference: ema
-    ema = EMA(named, ema_decay, warmup=tr.ema_warmup) if ema_decay is not None else None
+    ema_device = "cpu" if hw.ema_on_cpu else None  # hardware.ema_on_cpu: shadow in CPU memory, updated there
+    ema = EMA(named, ema_decay, warmup=tr.ema_warmup, device=ema_device) if ema_decay is not None else None
     net = Net(backbone, shift, tt_embed)
     adapters_off = partial(adapters_disabled, transformer)
     refs = {k: make_reference(k, backbone, transformer, net, ema, wrapped, base, adapters_off) for k in m.references}

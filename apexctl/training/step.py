@@ -14,6 +14,7 @@ import torch
 from apexctl.engine.objectives import LossOut, regression
 from apexctl.errors import ApexError
 from apexctl.training.hardware import mean_over_ranks
+from apexctl.training.offload import activations_on_cpu, evict_all
 
 if TYPE_CHECKING:
     from apexctl.training.state import Session
@@ -46,7 +47,8 @@ def train_step(sess: Session) -> StepOut:
     acc, tr = sess.acc, sess.recipe.train
     world, rank, mb = sess.world, sess.rank, tr.micro_batch
     cache, empty = sess.cache, sess.empty
-    fsdp = sess.recipe.hardware.strategy == "fsdp"
+    hw = sess.recipe.hardware
+    fsdp = hw.strategy == "fsdp"
     t0 = time.perf_counter()
     # two time scales (method.critic_updates = N > 1): the critic trains every step, the generator every N-th
     m, done = sess.recipe.method, sess.counter.step
@@ -69,13 +71,17 @@ def train_step(sess: Session) -> StepOut:
         sync = micro == tr.grad_accum - 1
         if fsdp:  # FSDP2's no_sync: accumulate unsharded gradients, reduce-scatter on the last micro-batch
             sess.wrapped.set_requires_gradient_sync(sync)
-        with nullcontext() if sync or fsdp else acc.no_sync(sess.wrapped), acc.autocast():
+        # hardware.offload_activations: what this forward saves for its backward waits in CPU memory
+        saved = activations_on_cpu(acc.device) if hw.offload_activations else nullcontext()
+        with nullcontext() if sync or fsdp else acc.no_sync(sess.wrapped), acc.autocast(), saved:
             if warm:
                 out: LossOut = regression(sess.net, x, z, cond)
             else:
                 extra = {"uncond": cache.cond(torch.full((len(x),), empty)).to(acc.device)} if sess.guided_ref else {}
                 out = sess.objective(sess.net, x, cond, **extra, **sched)
             acc.backward(out.loss / tr.grad_accum)
+        if hw.offload_base:  # the first block, recomputed last in backward, goes back to the CPU too
+            evict_all(sess.transformer)
         loss_sum += float(out.loss.detach()) / tr.grad_accum
         for k, v in out.terms.items():
             terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / tr.grad_accum
