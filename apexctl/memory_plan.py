@@ -153,6 +153,23 @@ def quantized_on_meta(config: dict, scheme: str) -> int | None:
         return None
 
 
+def block_weights_on_meta(config: dict) -> tuple[int, int] | None:
+    """(parameters inside the denoiser's blocks, the largest block's), counted on the meta device: what
+    ``hardware.offload_base`` keeps in CPU memory (training/offload.py streams the blocks of top-level ModuleLists)."""
+    try:
+        import diffusers
+        from accelerate import init_empty_weights
+
+        from apexctl.training.offload import transformer_blocks
+
+        with init_empty_weights():
+            model = getattr(diffusers, config["_class_name"]).from_config(config)
+        sizes = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(model)]
+        return (sum(sizes), max(sizes)) if sizes else None
+    except Exception:  # an estimate only
+        return None
+
+
 def _transformer_config(r: Recipe) -> tuple[dict, Path | None, str, str | None] | None:
     """(transformer config, local model folder or None, where it came from, shipped config name or None)."""
     path = r.model.path
@@ -291,6 +308,14 @@ def memory_lines(r: Recipe) -> list[str]:
     grads = trainable * 4
     adam = trainable * (2 if t.optimizer == "adamw8bit" else 8)
     ema = trainable * 4 if r.ema_decay is not None else 0
+    host = {}  # what hardware.offload_* keeps in CPU memory instead
+    if h.ema_on_cpu:
+        host["EMA (ema_on_cpu)"], ema = ema, 0
+    if h.offload_base and (blocks := block_weights_on_meta(config)) is not None:
+        # all but two blocks: the one streamed in and the previous one, held by autograd until its backward ends
+        in_blocks, largest = blocks
+        host["base blocks (offload_base)"] = max(in_blocks - 2 * largest, 0) * dtype_bytes
+        weights -= host["base blocks (offload_base)"]
     # reference = base with full tuning: a frozen fp32 copy of the starting weights
     base = trainable * 4 if ("base" in r.method.references and lora is None) else 0
     # critic = separate: a second copy of the trained parameters (LoRA: the adapter; the base is shared) with its
@@ -304,6 +329,9 @@ def memory_lines(r: Recipe) -> list[str]:
     if acts_text is None:
         acts_text = rough_activations(r, config, image_tokens)
     acts, how = acts_text
+    if h.offload_activations:  # saved tensors wait in CPU memory; about one block's working set stays
+        host["activations (offload_activations)"] = acts - acts / block_count(config)
+        acts -= host["activations (offload_activations)"]
     what = f"LoRA r={lora.rank}" if lora is not None else "full fine-tune"
     return [
         f"params     {total:,} denoiser parameters"
@@ -316,4 +344,12 @@ def memory_lines(r: Recipe) -> list[str]:
         + (f" + separate critic {critic / _GIB:.2f} (weights, grads, optimizer states)" if critic else "")
         + (f" (FSDP: /{shards})" if shards > 1 else "")
         + f" + activations ≈ {acts / _GIB:.2f} ({how})",
-    ]
+    ] + (
+        [
+            "offload    in CPU memory instead: "
+            + " + ".join(f"{k} {v / _GIB:.2f}" for k, v in host.items())
+            + " GiB (estimates; slower: every streamed block crosses PCIe each forward; not measured on a GPU)"
+        ]
+        if host
+        else []
+    )

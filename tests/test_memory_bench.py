@@ -191,7 +191,7 @@ def test_fit_recovers_a_known_line_and_checks_it():
 
 # ---- the dry run ----------------------------------------------------------------------------------------------
 def _acts(lines: list[str]) -> tuple[float, str]:
-    m = re.search(r"activations ≈ (?P<gib>[\d.]+) \((?P<how>.+)\)$", lines[-1])
+    m = re.search(r"activations ≈ (?P<gib>[\d.]+) \((?P<how>.+)\)$", next(x for x in lines if x.startswith("memory")))
     assert m is not None, lines
     return float(m["gib"]), m["how"]
 
@@ -291,3 +291,29 @@ def test_quantized_base_shrinks_the_weight_term_by_the_schemes_bytes(scheme, per
     assert weights(lines) == pytest.approx(want, abs=0.006)
     bf16_base = weights(memory_lines(r)) - adapter * 4 / GIB
     assert (weights(lines) - adapter * 4 / GIB) / bf16_base == pytest.approx(per_weight / 2, abs=0.002)
+
+
+def test_offload_keys_move_their_terms_to_cpu_memory():
+    """hardware.ema_on_cpu moves the EMA term, offload_base all but two blocks' frozen weights (Qwen-Image: 60 equal
+    blocks, so 58/60 of the block weights), offload_activations all but one block's share of the activations."""
+    from apexctl.memory_plan import block_weights_on_meta, shipped_configs
+
+    base = load_recipe(ROOT / "recipes" / "qwen_lora.yaml")
+    off = load_recipe(
+        ROOT / "recipes" / "qwen_lora.yaml",
+        ["hardware.offload_activations=true", "hardware.ema_on_cpu=true", "hardware.offload_base=true"],
+    )
+    plain, moved = memory_lines(base), memory_lines(off)
+    assert not any(x.startswith("offload") for x in plain) and moved[-1].startswith("offload")
+
+    def host(name: str) -> float:
+        return float(re.search(re.escape(name) + r" (?P<v>[\d.]+)", moved[-1])["v"])
+
+    ema = float(re.search(r"EMA (?P<e>[\d.]+)", plain[1])["e"])
+    assert host("EMA (ema_on_cpu)") == pytest.approx(ema, abs=0.01) and "EMA 0.00" in moved[1]
+    in_blocks, largest = block_weights_on_meta(shipped_configs()["qwen_image"]["transformer"])
+    assert in_blocks == 60 * largest and in_blocks / 20_430_401_088 > 0.99  # 60 equal blocks hold the base
+    assert host("base blocks (offload_base)") == pytest.approx(58 * largest * 2 / GIB, abs=0.01)
+    acts = _acts(plain)[0]
+    assert host("activations (offload_activations)") == pytest.approx(acts * 59 / 60, abs=0.01)
+    assert _acts(moved)[0] == pytest.approx(acts / 60, abs=0.01)
