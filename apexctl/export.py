@@ -65,35 +65,24 @@ def _ema_state(folder: Path) -> dict | None:
 
 
 @torch.no_grad()
-def _load_into(transformer: torch.nn.Module, folder: Path, weights: Weights) -> None:
+def _load_into(transformer: torch.nn.Module, folder: Path, weights: Weights, *, trained_only: bool = False) -> None:
     """The checkpoint's live weights, then (``ema``) its EMA shadows, into ``transformer``; BadInput when the
-    checkpoint is not this run's model; any reader error for a damaged file."""
+    checkpoint is not this run's model; any reader error for a damaged file. ``trained_only``: a run with a quantised
+    base, whose checkpoints hold the trained tensors alone (training/checkpoint.py); they go onto the unquantised
+    base, which a LoRA export does not write anyway."""
     from safetensors.torch import load_file
 
     state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = transformer.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    result = transformer.load_state_dict(state, strict=False)
+    if trained_only:
+        missing = [n for n, p in transformer.named_parameters() if p.requires_grad and n not in state]
+    else:
+        missing = result.missing_keys
+    if missing or result.unexpected_keys:
+        what = "of its trained tensors " if trained_only else ""
         raise BadInput(
-            f"{folder}/model.safetensors does not match the run's model ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]!r})"
-        )
-    _load_ema(transformer, folder, weights)
-
-
-@torch.no_grad()
-def _load_trained_into(transformer: torch.nn.Module, folder: Path, weights: Weights) -> None:
-    """:func:`_load_into` for a run with a quantised base, whose checkpoints hold the trained tensors alone
-    (training/checkpoint.py): they go onto the unquantised base, which a LoRA export does not write anyway."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(folder / "model.safetensors"))
-    trained = [n for n, p in transformer.named_parameters() if p.requires_grad]
-    lacking = [n for n in trained if n not in state]
-    unexpected = transformer.load_state_dict(state, strict=False).unexpected_keys
-    if lacking or unexpected:
-        raise BadInput(
-            f"{folder}/model.safetensors does not match the run's model ({len(lacking)} of its trained tensors "
-            f"missing, {len(unexpected)} unexpected keys, e.g. {(lacking or unexpected)[0]!r})"
+            f"{folder}/model.safetensors does not match the run's model ({len(missing)} {what}missing, "
+            f"{len(result.unexpected_keys)} unexpected keys, e.g. {(missing or result.unexpected_keys)[0]!r})"
         )
     _load_ema(transformer, folder, weights)
 
@@ -172,8 +161,10 @@ def export_checkpoint(run: Path, which: str = "latest", weights: Weights = "ema"
     backbone = load_for_recipe(recipe.model, model_dir, load_text_encoder=False, load_codec=False)
     make_trainable(backbone, recipe.model.lora)  # as trained: the same parameters, the same dtypes
     # a quantised base is not in the checkpoint, and not needed here
-    load = _load_trained_into if recipe.model.quantize != "none" else _load_into
-    step, _ = load_checkpoint(run, which, lambda folder: load(backbone.transformer, folder, weights))
+    trained_only = recipe.model.quantize != "none"
+    step, _ = load_checkpoint(
+        run, which, lambda folder: _load_into(backbone.transformer, folder, weights, trained_only=trained_only)
+    )
     kind = "lora" if recipe.model.lora is not None else "model"
     out = Path(out) if out is not None else run / "exports" / f"step-{step:06d}-{kind}-{weights}"
     return write_export(backbone, recipe, out, model_dir)

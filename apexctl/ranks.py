@@ -50,13 +50,18 @@ class Ranks:
 
     def gather(self, value: Any) -> list[Any]:
         """``value`` of every rank (any picklable object), in rank order, on every rank."""
-        if self.world == 1:
-            return [value]
-        import torch.distributed as dist
+        return gather_objects(value, self.world)
 
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
+
+def gather_objects(value: Any, world: int) -> list[Any]:
+    """``value`` of each of the ``world`` ranks of the default process group, in rank order, on every rank."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def launched_world() -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
 #: peak dense bf16 tensor throughput per GPU (TFLOP/s, vendor data sheets, without sparsity)
 GPUS = {"H100/H200 SXM": 989.0, "A100": 312.0, "L40S": 362.0}
 #: the recipes of the paper (the others are apexctl's own settings for families the paper did not train)
@@ -38,14 +38,12 @@ PAPER = {"qwen_lora.yaml", "qwen_lora_r32.yaml", "qwen_full.yaml", "sana_0.6b.ya
 
 
 def _memory():
-    """bench/memory.py as a module (the shared architecture table and builder)."""
-    name = "apexctl_bench_memory"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("memory.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up by name
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    """bench/memory.py, the sibling script whose builder and architecture table every bench shares."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import memory
+
+    return memory
 
 
 def forward_flops(arch, tcfg: dict, resolution: int, text_tokens: int) -> int:

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
 
 
 def published_config() -> dict:
@@ -33,18 +35,12 @@ def published_config() -> dict:
 
 
 def _memory():
-    """bench/memory.py as a module: the builder every bench shares (a family's Backbone around a random
-    transformer built directly on the device, no text encoder, no codec)."""
-    import importlib.util
-    import sys
+    """bench/memory.py, the sibling script whose builder and architecture table every bench shares."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import memory
 
-    name = "apexctl_bench_memory"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("memory.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look their module up by name
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return memory
 
 
 def build_backbone(tiny: bool, device: torch.device, dtype: torch.dtype):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,16 @@ def run_apexctl(
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}\n{err}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def prepared_home(tmp_path_factory, name: str, make_recipe) -> Iterator[Path]:
+    """A module fixture's body: a fresh folder with ``APEXCTL_HOME`` pointing into it and the cache of
+    ``make_recipe(folder, "prep")`` prepared; yields the folder."""
+    import pytest
+
+    tmp = tmp_path_factory.mktemp(name)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("APEXCTL_HOME", str(tmp / "home"))
+    ok(["prepare", make_recipe(tmp, "prep"), "-q"])
+    yield tmp
+    mp.undo()

@@ -197,11 +197,11 @@ def test_export_skips_a_checkpoint_pruned_while_it_reads(home, monkeypatch):
     real = export._load_into
     calls: list[Path] = []
 
-    def racing(transformer, folder, weights):
+    def racing(transformer, folder, weights, **kw):
         calls.append(folder)
         if len(calls) == 1:
             ckpt.discard(folder)  # what a concurrent prune does, between our listing and our read
-        return real(transformer, folder, weights)
+        return real(transformer, folder, weights, **kw)
 
     monkeypatch.setattr(export, "_load_into", racing)
     out = _invoke(["export", run])

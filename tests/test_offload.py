@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_util import digits_recipe, fails, ok
+from data_util import digits_recipe, fails, ok, prepared_home
 from safetensors.torch import load_file
 from torch import nn
 
@@ -41,12 +41,7 @@ def _recipe(tmp: Path, name: str, hardware: dict | None = None, **sections) -> P
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("offload")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("APEXCTL_HOME", str(tmp / "home"))
-    ok(["prepare", _recipe(tmp, "prep"), "-q"])
-    yield tmp
-    mp.undo()
+    yield from prepared_home(tmp_path_factory, "offload", _recipe)
 
 
 def _losses(run: Path) -> list[float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_util import digits_recipe, fails, ok
+from data_util import digits_recipe, fails, ok, prepared_home
 from safetensors.torch import load_file
 
 from apexctl.models.quantize import PACKAGES, _installed
@@ -56,12 +56,7 @@ def _recipe(tmp: Path, name: str, quantize: str = "none", **sections) -> Path:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("quantize")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("APEXCTL_HOME", str(tmp / "home"))
-    ok(["prepare", _recipe(tmp, "prep"), "-q"])
-    yield tmp
-    mp.undo()
+    yield from prepared_home(tmp_path_factory, "quantize", _recipe)
 
 
 def _flat(t: torch.Tensor) -> list[torch.Tensor]:

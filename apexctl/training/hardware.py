@@ -69,13 +69,9 @@ def check_world(recipe: Recipe, world: int) -> int:
 
 def gather(acc, value) -> list:
     """``value`` of every rank (any picklable object), in rank order, on every rank."""
-    if acc.num_processes == 1:
-        return [value]
-    import torch.distributed as dist
+    from apexctl.ranks import gather_objects
 
-    out: list = [None] * acc.num_processes
-    dist.all_gather_object(out, value)
-    return out
+    return gather_objects(value, acc.num_processes)
 
 
 def mean_over_ranks(acc, values: list[float]) -> list[float]:
