@@ -287,6 +287,7 @@ def test_quantize_refuses_a_full_fine_tune_fsdp_and_a_missing_library(home, monk
     for scheme, package in PACKAGES.items():
         monkeypatch.setitem(sys.modules, package, None)  # as if not installed
         one_line(["distill", _recipe(home, f"missing-{scheme}", scheme), "-q"], f"pip install {package}")
+        assert not (home / f"missing-{scheme}").exists()  # refused before the run folder is made
         monkeypatch.delitem(sys.modules, package)
 
 

@@ -29,9 +29,12 @@ from apexctl.training.step import train_step
 def train(recipe: Recipe, *, resume: str | None = None, until: int | None = None, quiet: bool = False) -> Path:
     """Train per ``recipe``; returns the run folder. ``resume``: None | "auto" | a checkpoint folder.
     ``until``: stop after this step (checkpointed), to be resumed later."""
+    from apexctl.models.quantize import require as require_quantize_package
+
     clock = WallClock(time.perf_counter())
     require_optimizer_package(recipe)
     require_tracker_package(recipe)
+    require_quantize_package(recipe.model.quantize)  # before the lock: a missing library leaves no run folder
     acc = make_accelerator(recipe)
     check_world(recipe, acc.num_processes)  # before the lock and any loading: a wrong launch is bad input
     lock = _lock(acc, run_dir(recipe))
