@@ -7,15 +7,16 @@ Stages (each a subprocess with its own time limit, 570 s in all; a failure or a 
 stage runs):
 
 1. ``smoke``: bench/gpu_smoke.py — the real Qwen-Image transformer (60 blocks, random bf16 weights), LoRA r=64, apex
-   vs flow_matching steps at 512², micro-batch 4: s/step, peak memory, the ratio.
+   vs flow_matching steps at 512², micro-batch 4: s/step, peak memory, the ratio; then the apex step on an int8
+   and an nf4 base (``model.quantize``, the model rebuilt for each).
 2. ``sample_few``: ``apexctl sample --steps 4`` (few-step, stochastic re-noising) on CUDA from a tiny model: the
    path whose CPU generators once could not drive CUDA tensors.
 3. ``prepare_cuda``: ``apexctl prepare --launch 1`` of the digits teacher pairs (teacher synthesis, 50 Euler steps
    at CFG 2) on CUDA, after a short digits teacher run: items/s from prepare_report.json.
 4. ``digits_bf16``: the digits teacher and the default student in bf16 (shortened: ``--teacher-steps`` /
    ``--student-steps``), then ``apexctl eval digits``: FD, coverage, alignment, seed diversity.
-5. ``memory``: bench/memory.py --quick for full-width Qwen-Image blocks on the GPU (torch.cuda peaks), to set
-   beside the CPU-measured table shipped in apexctl/models/configs/activations.json.
+5. ``memory``: bench/memory.py --quick for full-width Qwen-Image blocks on the GPU (torch.cuda peaks), bf16 and
+   int8 / nf4 bases, to set beside the CPU-measured table shipped in apexctl/models/configs/activations.json.
 
 The JSON holds, per stage: the command, exit status, seconds, the tail of its output and the numbers it produced;
 it is rewritten after every stage, so a run cut short still reports what finished.
@@ -47,9 +48,10 @@ def stages(work: Path, teacher_steps: int, student_steps: int) -> list[dict]:
     return [
         {
             "name": "smoke",
-            "limit": 210,
+            "limit": 250,
             "commands": [
-                [sys.executable, "bench/gpu_smoke.py", "--steps", "4", "--warmup", "1", "--out", work / "smoke.json"]
+                [sys.executable, "bench/gpu_smoke.py", "--steps", "4", "--warmup", "1", "--quantize", "int8,nf4",
+                 "--out", work / "smoke.json"]  # fmt: skip
             ],
             "result": work / "smoke.json",
         },
@@ -79,7 +81,7 @@ def stages(work: Path, teacher_steps: int, student_steps: int) -> list[dict]:
         },
         {
             "name": "digits_bf16",
-            "limit": 200,
+            "limit": 170,
             "setup": lambda: _digits_recipes(work, teacher, student, pairs, teacher_steps, student_steps),
             "commands": [
                 _apexctl("prepare", teacher, "-q"),
@@ -91,7 +93,7 @@ def stages(work: Path, teacher_steps: int, student_steps: int) -> list[dict]:
         },
         {
             "name": "prepare_cuda",
-            "limit": 50,
+            "limit": 40,
             "commands": [_apexctl("prepare", pairs, "--launch", "1", "-q")],
             "result": work / "cache-pairs" / "prepare_report.json",
         },
@@ -99,7 +101,8 @@ def stages(work: Path, teacher_steps: int, student_steps: int) -> list[dict]:
             "name": "memory",
             "limit": 70,
             "commands": [
-                [sys.executable, "bench/memory.py", "--families", "qwen_image", "--quick", "--out", work / "memory"]
+                [sys.executable, "bench/memory.py", "--families", "qwen_image", "--quick", "--quantize", "int8,nf4",
+                 "--out", work / "memory"]  # fmt: skip
             ],
             "result": work / "memory" / "memory.jsonl",
         },
@@ -188,7 +191,9 @@ def main() -> None:
         return
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "APEXCTL_HOME": str(work / "home"), "PYTHONPATH": str(ROOT)}
+    # the repo first, then what was there (gpu_check.sh's --target folder of carried wheels)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "APEXCTL_HOME": str(work / "home"), "PYTHONPATH": path}
     report = {"device": device_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": []}
     for stage in todo:
         report["stages"].append(run_stage(stage, env))

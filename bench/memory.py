@@ -250,7 +250,10 @@ def training_parts(recipe, bb, uncond) -> Parts:
 
 # ---- measuring -----------------------------------------------------------------------------------------------
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    """Stored bytes of ``tensors`` (a quantised weight: its codes and scales, not its logical size)."""
+    from apexctl.models.quantize import tensor_bytes as stored
+
+    return sum(stored(t) for t in tensors)
 
 
 def state_bytes(model: torch.nn.Module, parts: Parts, opt: torch.optim.Optimizer) -> dict[str, int]:
@@ -273,14 +276,18 @@ class SavedTensors:
     state, not activations). A saved view keeps its whole storage alive, so a storage counts once, in full."""
 
     def __init__(self, exclude: list[torch.Tensor]) -> None:
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        from apexctl.models.quantize import inner_tensors
+
+        self._inner = inner_tensors  # a quantised weight saved for backward is its inner tensors
+        self.exclude = {x.untyped_storage().data_ptr() for t in exclude for x in inner_tensors(t)}
         self.seen: dict[int, int] = {}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        ptr = s.data_ptr()
-        if ptr not in self.exclude and ptr != 0:
-            self.seen[ptr] = max(self.seen.get(ptr, 0), s.nbytes())
+        for x in self._inner(t):
+            s = x.untyped_storage()
+            ptr = s.data_ptr()
+            if ptr not in self.exclude and ptr != 0:
+                self.seen[ptr] = max(self.seen.get(ptr, 0), s.nbytes())
         return t
 
     @property
@@ -399,16 +406,23 @@ class Config:
     objective: str
     gc: bool
     batch: int
+    quantize: str = "none"  # model.quantize of the frozen base (a LoRA recipe's)
 
     def key(self, device: str) -> tuple:
-        return (self.arch.name, self.variant, self.resolution, self.text, self.objective, self.gc, self.batch, device)
+        return (self.arch.name, self.variant, self.resolution, self.text, self.objective, self.gc, self.batch, device,
+                self.quantize)  # fmt: skip
+
+    def label(self) -> str:
+        """The configuration in one line for the progress output."""
+        q = f" {self.quantize}" if self.quantize != "none" else ""
+        return f"{self.arch.name} {self.variant} {self.resolution} {self.text} {self.objective} {self.gc} {self.batch}{q}"
 
 
-_KEY = ("arch", "variant", "resolution", "text_tokens", "objective", "gc", "batch", "device")
+_KEY = ("arch", "variant", "resolution", "text_tokens", "objective", "gc", "batch", "device", "quantize")
 
 
 def _row_key(row: dict) -> tuple:
-    return tuple(row[k] for k in _KEY)
+    return tuple(row.get(k, "none") if k == "quantize" else row[k] for k in _KEY)  # rows before --quantize: none
 
 
 def tokens(arch: Arch, resolution: int, text: int) -> int:
@@ -432,11 +446,15 @@ def measure(c: Config, device: torch.device) -> dict:
     from apexctl.recipe import load_recipe
 
     arch = c.arch
-    recipe = load_recipe(ROOT / "recipes" / arch.recipe, [f"method.objective={c.objective}"])
+    from apexctl.models.quantize import quantize_backbone
+
+    recipe = load_recipe(ROOT / "recipes" / arch.recipe, [f"method.objective={c.objective}",
+                                                          f"model.quantize={c.quantize}"])  # fmt: skip
     torch.manual_seed(0)
     t0 = time.perf_counter()
     bb = build_backbone(arch.family, reduced_config(arch, c.variant), published(arch.name)["vae"], device,
                         recipe.model.torch_dtype)  # fmt: skip
+    quantize_backbone(bb, c.quantize)  # before the adapter, as apexctl distill does (None for none)
     if c.gc:
         bb.transformer.enable_gradient_checkpointing()
     x = torch.randn(c.batch, *bb.latent_shape(c.resolution, c.resolution), device=device)
@@ -476,12 +494,19 @@ def points(arch: Arch) -> dict[str, tuple[int, int]]:
     return {"low": arch.low, "home": (_home(arch).data.resolution, arch.text_tokens), "second": arch.second}
 
 
-def configurations(names: list[str], quick: bool) -> list[Config]:
+def configurations(names: list[str], quick: bool, quantize: tuple[str, ...] = ()) -> list[Config]:
     """What to measure, cheapest first. Every objective × checkpointing on/off at ``low`` and ``second``; at
     ``home`` all of them where ``home_all`` (else the recipe's own objective and setting); at ``low`` flow matching
     on 4 rows (the batch check); at ``second`` the ``deep`` variants for flow matching and apex_full (the depth
-    check). ``quick``: the recipe's objective and setting only, no checks."""
+    check). ``quick``: the recipe's objective and setting only, no checks. ``quantize``: also the ``quick``
+    configurations with each of these ``model.quantize`` bases (compared with the bf16 base's in memory.md)."""
     out: list[Config] = []
+    for name in names:
+        arch, r = ARCHS[name], _home(ARCHS[name])
+        for scheme in quantize:
+            for label, (res, text) in sorted(points(arch).items(), key=lambda kv: tokens(arch, *kv[1])):
+                out += [Config(arch, v, res, text, r.method.objective, r.hardware.gradient_checkpointing,
+                               BATCH[r.method.objective], scheme) for v in arch.measured]  # fmt: skip
     for name in names:
         arch, r = ARCHS[name], _home(ARCHS[name])
         own = [(r.method.objective, r.hardware.gradient_checkpointing)]
@@ -586,9 +611,10 @@ def predict(model: dict, rows: int, n: int) -> float:
     )
 
 
-def fit(rows: list[dict]) -> dict[str, dict]:
-    """The activation table: per arch, objective and checkpointing, the line through the two measured points with
-    the most tokens (the recipe's resolution is one of them where it was measured), with its checks:
+def fit(rows: list[dict], quantize: str = "none") -> dict[str, dict]:
+    """The activation table of the ``quantize`` base's rows: per arch, objective and checkpointing, the line
+    through the two measured points with the most tokens (the recipe's resolution is one of them where it was
+    measured), with its checks:
 
     - ``extrapolation``: the line through the two smaller points, extrapolated to the largest, against its
       measurement (where three points were measured);
@@ -596,7 +622,7 @@ def fit(rows: list[dict]) -> dict[str, dict]:
     - ``depth``: the peak of a variant one block deeper (at ``second``) against rest + its blocks × per block.
     """
     by: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
+    for r in (r for r in rows if r.get("quantize", "none") == quantize):
         key = (r["arch"], r["objective"], r["gc"], r["batch"], r["resolution"], r["text_tokens"])
         by.setdefault(key, {})[r["variant"]] = r
     table: dict[str, dict] = {}
@@ -696,6 +722,7 @@ def markdown(rows: list[dict], table: dict, meta: dict) -> str:
                     f"{pb['bytes_per_row_token']:,.0f} | {_mib(pb['fixed_bytes'])} | "
                     f"{rest['bytes_per_row_token']:,.0f} | {_mib(rest['fixed_bytes'])} | {_gib(predict(m, r.train.micro_batch, n))} | {checks or '–'} |"
                 )
+    lines += quantized_section(rows, table)
     lines += ["", "## Every measured step", "",
               "| model | variant | res | text | objective | ckpt | rows | tokens | peak MiB | after fwd MiB | saved MiB "
               "| opt step MiB | frozen MiB | trained MiB | grads MiB | optimizer MiB | s |",
@@ -710,6 +737,57 @@ def markdown(rows: list[dict], table: dict, meta: dict) -> str:
             f"{sum(r['seconds'].values()):.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def quantized_section(rows: list[dict], table: dict) -> list[str]:
+    """memory.md's comparison of quantised bases (``--quantize``) with the bf16 base: per block, the frozen weights'
+    stored bytes and the activations (live bytes when backward starts), each step's peak, and each scheme's fitted
+    activations at the recipe's micro-batch and resolution."""
+    base = {_row_key(r)[:-1]: r for r in rows if r.get("quantize", "none") == "none"}
+    quantized = [r for r in rows if r.get("quantize", "none") != "none" and _row_key(r)[:-1] in base]
+    if not quantized:
+        return []
+    lines = ["", "## Quantised frozen base (`--quantize`)", "",
+             "Each step with a quantised base beside the same step with the recipe's bf16 base (`model.quantize`; "
+             "weights dequantised inside each matmul). Per block: the 2-block variant minus the 1-block one.", "",
+             "| model | base | res | text | objective | ckpt | rows | frozen per block MiB | vs bf16 | activations "
+             "per block MiB | vs bf16 | peak (2 blocks) MiB | vs bf16 | s | bf16 s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    by = {_row_key(r): r for r in quantized}
+    for r in quantized:
+        arch = ARCHS[r["arch"]]
+        w, wo, _ = next(iter(arch.kinds.values()))
+        if r["variant"] != w:
+            continue
+        k = _row_key(r)
+        other = by.get((*k[:1], wo, *k[2:]))
+        if other is None:
+            continue
+        b, bo = base[k[:-1]], base[(*k[:1], wo, *k[2:-1])]
+        frozen, frozen_b = (x["state"]["frozen"] - y["state"]["frozen"] for x, y in ((r, other), (b, bo)))
+        acts, acts_b = (x["after_forward"] - y["after_forward"] for x, y in ((r, other), (b, bo)))
+        lines.append(
+            f"| {r['arch']} | {r['quantize']} | {r['resolution']} | {r['text_tokens']} | {r['objective']} | "
+            f"{'on' if r['gc'] else 'off'} | {r['batch']} | {_mib(frozen)} | {frozen / frozen_b:.3f}× | "
+            f"{_mib(acts)} | {acts / acts_b:.3f}× | {_mib(r['peak'])} | {r['peak'] / b['peak']:.3f}× | "
+            f"{sum(r['seconds'].values()):.1f} | {sum(b['seconds'].values()):.1f} |"
+        )
+    lines += ["", "Fitted activations at the recipe's micro-batch and resolution (the dry run's line, from the "
+              "quantised steps):", "", "| model | base | objective | ckpt | at recipe GiB | bf16 base GiB | vs bf16 |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for scheme in sorted({r["quantize"] for r in quantized}):
+        for name, e in fit(rows, scheme).items():
+            r = _home(ARCHS[name])
+            n = tokens(ARCHS[name], r.data.resolution, e["text_tokens"])
+            for objective, slots in e["objectives"].items():
+                for ck, m in slots.items():
+                    ref = table.get(name, {}).get("objectives", {}).get(objective, {}).get(ck)
+                    if ref is None:
+                        continue
+                    q, bf = predict(m, r.train.micro_batch, n), predict(ref, r.train.micro_batch, n)
+                    lines.append(f"| {name} | {scheme} | {objective} | {'on' if ck == 'checkpointing' else 'off'} | "
+                                 f"{_gib(q)} | {_gib(bf)} | {q / bf:.3f}× |")  # fmt: skip
+    return lines
 
 
 def _check_text(kind: str, c: dict) -> str:
@@ -780,18 +858,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--table", type=Path, default=None, help="also write the shipped table (activations.json) here")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize", default="", help="comma-separated model.quantize schemes (int8, fp8, nf4): also "
+                    "the --quick configurations on a quantised base, compared with bf16 in memory.md")  # fmt: skip
     args = ap.parse_args(argv)
+    from apexctl.errors import BadInput
+    from apexctl.models.quantize import SCHEMES, require
+
+    schemes = tuple(q.strip() for q in args.quantize.split(",") if q.strip())
+    for q in schemes:
+        if q not in SCHEMES[1:]:
+            raise SystemExit(f"--quantize: unknown {q!r} (allowed: {', '.join(SCHEMES[1:])})")
+        try:
+            require(q, "--quantize")
+        except BadInput as exc:
+            raise SystemExit(str(exc)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     jsonl = args.out / "memory.jsonl"
     done = {_row_key(r) for r in read_rows(jsonl)}
-    configs = configurations(_names(args.families), args.quick)
+    configs = configurations(_names(args.families), args.quick, schemes)
     todo = [c for c in configs if c.key(device.type) not in done]
     if args.estimate:
         est = estimate(todo, device)
         for c, sec in est.items():
-            print(f"{' '.join(map(str, c.key(device.type)[:-1])):<70} ≈ {sec:6.1f} s")
+            print(f"{c.label():<70} ≈ {sec:6.1f} s")
         print(f"{len(est)} steps to measure ({len(configs) - len(todo)} done): ≈ {sum(est.values()) / 60:.1f} min")
         return
     args.out.mkdir(parents=True, exist_ok=True)
@@ -800,7 +891,7 @@ def main(argv: list[str] | None = None) -> None:
         row = measure(c, device)
         with jsonl.open("a") as f:  # one line per configuration as it comes: a killed run resumes from here
             f.write(json.dumps(row) + "\n")
-        print(f"[{i}/{len(todo)}] {' '.join(map(str, c.key(device.type)[:-1]))}: peak {_mib(row['peak'])} MiB, "
+        print(f"[{i}/{len(todo)}] {c.label()}: peak {_mib(row['peak'])} MiB, "
               f"{sum(row['seconds'].values()):.1f} s", flush=True)  # fmt: skip
     rows = [r for r in read_rows(jsonl) if r["device"] == device.type]
     table = fit(rows)

@@ -13,13 +13,22 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def test_gpu_smoke_tiny_runs_the_recipe_objectives(tmp_path, monkeypatch):
+    import importlib.util
+
     out = tmp_path / "smoke.json"
-    argv = ["gpu_smoke.py", "--tiny", "--steps", "2", "--warmup", "1", "--resolution", "64", "--out", str(out)]
+    schemes = [q for q, lib in (("int8", "torchao"), ("nf4", "bitsandbytes")) if importlib.util.find_spec(lib)]
+    argv = ["gpu_smoke.py", "--tiny", "--steps", "2", "--warmup", "1", "--resolution", "64", "--out", str(out),
+            "--quantize", ",".join(schemes)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(BENCH / "gpu_smoke.py"), run_name="__main__")
     summary = json.loads(out.read_text())
     assert set(summary["results"]) == {"flow_matching", "apex"}
     assert 0 < summary["trainable"] < summary["parameters"]
+    assert set(summary["quantized"]) == set(schemes)
+    for q in summary["quantized"].values():  # the apex step on each quantised base: same adapter, smaller weights
+        assert set(q["results"]) == {"apex"} and q["results"]["apex"]["forwards_per_step"] == 3
+        assert q["trainable"] == summary["trainable"] and q["weight_gib"] < summary["weight_gib"]
+        assert q["vs_bf16"]["step_time"] > 0
     for r in summary["results"].values():
         assert r["s_per_step"] > 0 and r["samples_per_s"] == pytest.approx(4 / r["s_per_step"])
     # flow matching: one transformer forward per step; apex with the recipe's guided reference: generator + FM

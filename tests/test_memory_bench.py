@@ -20,10 +20,13 @@ from apexctl.memory_plan import (
     published_config_name,
     shipped_configs,
 )
+from apexctl.models.quantize import PACKAGES
 from apexctl.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
+#: the quantisation schemes whose library this machine has
+INSTALLED = [s for s in ("int8", "fp8", "nf4") if importlib.util.find_spec(PACKAGES[s]) is not None]
 
 
 def _bench(name: str):
@@ -92,9 +95,13 @@ TINY = {
 }
 
 
-def _tiny_step(objective: str, resolution: int, gc: bool, rank: int = 4) -> tuple[dict, dict, dict, object]:
+def _tiny_step(
+    objective: str, resolution: int, gc: bool, rank: int = 4, quantize: str = "none"
+) -> tuple[dict, dict, dict, object]:
     """One measured training step of the tiny model: (step figures, state bytes, the base's parameters and Linear
     layers before the adapter, the step's parts)."""
+    from apexctl.models.quantize import quantize_backbone
+
     m = _bench("memory")
     recipe = load_recipe(
         ROOT / "recipes" / "qwen_lora.yaml",
@@ -105,6 +112,7 @@ def _tiny_step(objective: str, resolution: int, gc: bool, rank: int = 4) -> tupl
     base = {n: (p.numel(), p.dtype) for n, p in bb.transformer.named_parameters()}
     linears = {n: (mod.in_features, mod.out_features) for n, mod in bb.transformer.named_modules()
                if isinstance(mod, torch.nn.Linear)}  # fmt: skip
+    quantize_backbone(bb, quantize)
     if gc:
         bb.transformer.enable_gradient_checkpointing()
     x = torch.randn(1, *bb.latent_shape(resolution, resolution))
@@ -130,6 +138,31 @@ def test_state_bytes_are_the_hand_computed_ones():
     assert state["trained"] == 4 * adapter == state["grads"] == state["ema"]
     assert state["optimizer"] == 8 * adapter + 4 * tensors
     assert state["base_copy"] == 0 and len(parts.trained) == tensors
+
+
+@pytest.mark.parametrize("scheme", [s for s in ("int8", "nf4") if s in INSTALLED])
+def test_quantized_base_state_is_its_stored_bytes_and_its_weights_are_not_activations(scheme):
+    """With a quantised base (bench/memory.py --quantize): the block Linears' weights count at their stored bytes
+    (int8: 1 B per weight + a scale and zero point per output row; nf4: ½ B + an absmax per 64 weights + a code
+    book per layer; the rest of the model stays bf16), the adapter state is the bf16 base's, and the quantised
+    weights autograd saves for backward are state, not activations: the saved bytes are the bf16 base's ± 5%."""
+    from apexctl.models.quantize import block_linears
+
+    m = _bench("memory")
+    bb = m.build_backbone("qwen_image", TINY, shipped_configs()["qwen_image"]["vae"], "cpu", torch.bfloat16)
+    layers = [layer for *_, layer in block_linears(bb.transformer)]
+    n, rows = sum(x.weight.numel() for x in layers), sum(x.out_features for x in layers)
+    rest = 2 * (sum(p.numel() for p in bb.transformer.parameters()) - n)
+    codes, overhead = (n, 8 * rows) if scheme == "int8" else (n / 2, 4 * n / 64 + 2048 * len(layers))
+    ref, ref_state, _, _ = _tiny_step("apex", 64, gc=True)
+    step, state, _, _ = _tiny_step("apex", 64, gc=True, quantize=scheme)
+    assert step["loss_finite"] and step["peak"] > 0
+    assert codes < state["frozen"] - rest <= codes + overhead
+    assert state["frozen"] < 0.75 * ref_state["frozen"]
+    assert {k: state[k] for k in ("trained", "grads", "optimizer", "ema")} == {
+        k: ref_state[k] for k in ("trained", "grads", "optimizer", "ema")
+    }
+    assert step["saved"] == pytest.approx(ref["saved"], rel=0.05)
 
 
 def test_activation_bytes_grow_with_tokens_and_drop_with_checkpointing():

@@ -197,6 +197,45 @@ def test_a_bf16_base_computes_in_bf16_from_its_quantized_weights(scheme):
     assert 1e-4 < float((x - want).norm() / want.norm()) < 0.2
 
 
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if PACKAGES[s] == "torchao"])
+def test_a_torchao_layer_keeps_no_weight_copy_for_backward(scheme, monkeypatch):
+    """Through a quantised frozen Linear, y = x·Wᵀ + b and ∂L/∂x = g·W with W its dequantised weight, computed a
+    block of rows of W at a time (7 here: 14 blocks, the last one short), autograd keeping no copy of W; under
+    autocast an fp32 input is cast as autocast casts a linear's (bf16 out). torchao's own linear, called directly,
+    keeps the dequantised weight for backward: the bf16 weights again at every step."""
+    from torch import nn
+
+    from apexctl.models import quantize
+    from apexctl.models.quantize import FrozenQuantizedLinear, quantize_denoiser
+
+    monkeypatch.setattr(quantize, "DEQUANT_CHUNK", 7 * 64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ModuleList([nn.Linear(64, 96)]))  # the block Linears live in a ModuleList
+    quantize_denoiser(model, scheme, torch.bfloat16)
+    layer = model[0][0]
+    assert type(layer) is FrozenQuantizedLinear and not layer.weight.requires_grad
+    assert layer.in_blocks == (scheme == "fp8")
+    w, b = layer.weight.dequantize().float(), layer.bias.float()
+
+    def step(forward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Size]]:
+        saved: list[torch.Size] = []
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        g = torch.randn(5, 96, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = forward(x)
+        y.backward(g)
+        return x, y, x.grad, g, saved
+
+    x, y, grad, g, saved = step(layer)
+    assert y.dtype == torch.bfloat16 and saved == []
+    assert torch.allclose(y.float(), x.detach().bfloat16().float() @ w.T + b, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(grad, g.float() @ w, rtol=1e-2, atol=1e-2)  # bf16 matmul rounding
+    _, _, own, _, own_saved = step(lambda x: nn.Linear.forward(layer, x.bfloat16()))  # torchao's linear
+    assert torch.allclose(own.float(), grad, rtol=2e-2, atol=2e-2)
+    assert any(s.numel() == w.numel() for s in own_saved)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_the_lora_in_the_stock_pipeline_equals_apexctl_sample_and_the_unquantized_run(home, runs, scheme):
     """The exported LoRA loads in the stock QwenImagePipeline and gives the one-step latents ``apexctl sample``
