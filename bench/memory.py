@@ -504,7 +504,7 @@ def configurations(names: list[str], quick: bool, quantize: tuple[str, ...] = ()
     for name in names:
         arch, r = ARCHS[name], _home(ARCHS[name])
         for scheme in quantize:
-            for label, (res, text) in sorted(points(arch).items(), key=lambda kv: tokens(arch, *kv[1])):
+            for res, text in sorted(points(arch).values(), key=lambda point: tokens(arch, *point)):
                 out += [Config(arch, v, res, text, r.method.objective, r.hardware.gradient_checkpointing,
                                BATCH[r.method.objective], scheme) for v in arch.measured]  # fmt: skip
     for name in names:
