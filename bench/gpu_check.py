@@ -50,8 +50,18 @@ def stages(work: Path, teacher_steps: int, student_steps: int) -> list[dict]:
             "name": "smoke",
             "limit": 250,
             "commands": [
-                [sys.executable, "bench/gpu_smoke.py", "--steps", "4", "--warmup", "1", "--quantize", "int8,nf4",
-                 "--out", work / "smoke.json"]  # fmt: skip
+                [
+                    sys.executable,
+                    "bench/gpu_smoke.py",
+                    "--steps",
+                    "4",
+                    "--warmup",
+                    "1",
+                    "--quantize",
+                    "int8,nf4",
+                    "--out",
+                    work / "smoke.json",
+                ]  # fmt: skip
             ],
             "result": work / "smoke.json",
         },
@@ -101,8 +111,17 @@ def stages(work: Path, teacher_steps: int, student_steps: int) -> list[dict]:
             "name": "memory",
             "limit": 70,
             "commands": [
-                [sys.executable, "bench/memory.py", "--families", "qwen_image", "--quick", "--quantize", "int8,nf4",
-                 "--out", work / "memory"]  # fmt: skip
+                [
+                    sys.executable,
+                    "bench/memory.py",
+                    "--families",
+                    "qwen_image",
+                    "--quick",
+                    "--quantize",
+                    "int8,nf4",
+                    "--out",
+                    work / "memory",
+                ]  # fmt: skip
             ],
             "result": work / "memory" / "memory.jsonl",
         },

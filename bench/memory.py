@@ -415,7 +415,9 @@ class Config:
     def label(self) -> str:
         """The configuration in one line for the progress output."""
         q = f" {self.quantize}" if self.quantize != "none" else ""
-        return f"{self.arch.name} {self.variant} {self.resolution} {self.text} {self.objective} {self.gc} {self.batch}{q}"
+        return (
+            f"{self.arch.name} {self.variant} {self.resolution} {self.text} {self.objective} {self.gc} {self.batch}{q}"
+        )
 
 
 _KEY = ("arch", "variant", "resolution", "text_tokens", "objective", "gc", "batch", "device", "quantize")
