@@ -753,8 +753,8 @@ def quantized_section(rows: list[dict], table: dict) -> list[str]:
              "Each step with a quantised base beside the same step with the recipe's bf16 base (`model.quantize`; "
              "weights dequantised inside each matmul). Per block: the 2-block variant minus the 1-block one.", "",
              "| model | base | res | text | objective | ckpt | rows | frozen per block MiB | vs bf16 | activations "
-             "per block MiB | vs bf16 | peak (2 blocks) MiB | vs bf16 | s | bf16 s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "per block MiB | vs bf16 | peak (2 blocks) MiB | vs bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     by = {_row_key(r): r for r in quantized}
     for r in quantized:
         arch = ARCHS[r["arch"]]
@@ -771,8 +771,7 @@ def quantized_section(rows: list[dict], table: dict) -> list[str]:
         lines.append(
             f"| {r['arch']} | {r['quantize']} | {r['resolution']} | {r['text_tokens']} | {r['objective']} | "
             f"{'on' if r['gc'] else 'off'} | {r['batch']} | {_mib(frozen)} | {frozen / frozen_b:.3f}× | "
-            f"{_mib(acts)} | {acts / acts_b:.3f}× | {_mib(r['peak'])} | {r['peak'] / b['peak']:.3f}× | "
-            f"{sum(r['seconds'].values()):.1f} | {sum(b['seconds'].values()):.1f} |"
+            f"{_mib(acts)} | {acts / acts_b:.3f}× | {_mib(r['peak'])} | {r['peak'] / b['peak']:.3f}× |"
         )
     lines += ["", "Fitted activations at the recipe's micro-batch and resolution (the dry run's line, from the "
               "quantised steps):", "", "| model | base | objective | ckpt | at recipe GiB | bf16 base GiB | vs bf16 |",
