@@ -254,6 +254,7 @@ def _evaluator(judge, prompts, per_prompt: int, resolution: int) -> Evaluator:
             "align_multi": a["multi"],
             "coverage": s["multi_coverage"],
             "fd": s["fd"],
+            "fd_pca": s.get("fd_pca"),
             "diversity": s["diversity"],
             # one-step seed collapse: mean pairwise RMS between a single prompt's seeds, FD to the prompt's class
             "seed_diversity": s.get("seed_diversity"),

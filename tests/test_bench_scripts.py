@@ -129,3 +129,25 @@ def test_gpu_check_driver_runs_a_stage_and_writes_valid_recipes(tmp_path, monkey
         "memory",
     }
     assert sum(s["limit"] for s in gc["stages"](work, 1, 1)) <= 600  # the 10-minute budget
+
+
+def test_quantize_quality_measures_every_installed_scheme_against_the_unquantized_base(tmp_path, monkeypatch):
+    """bench/quantize_quality.py on CPU-sized settings (a 20-step teacher, 2 images per prompt, 2 student steps):
+    every scheme with a library gets a teacher row and a student row; the unquantised rows are the reference (0
+    apart from themselves), a quantised teacher is not bit-identical to it; the table has every row."""
+    from apexctl.models.quantize import PACKAGES, _installed
+
+    out = tmp_path / "out"
+    argv = ["quantize_quality.py", "--teacher", str(tmp_path / "none"), "--work", str(tmp_path / "work"),
+            "--out", str(out), "--per-prompt", "2", "--student-steps", "2", "--teacher-steps", "20"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCH / "quantize_quality.py"), run_name="__main__")
+    res = json.loads((out / "quantize_quality.json").read_text())
+    schemes = ["none", *(s for s in ("int8", "fp8", "nf4") if _installed(PACKAGES[s]))]
+    assert res["schemes"] == schemes and list(res["teacher"]) == list(res["student"]) == schemes
+    assert res["teacher"]["none"]["rel_l2"] == 0 and res["student"]["none"]["deployed_vs_unquantized_run"] == 0
+    assert res["student"]["none"]["own_vs_deployed"] < 1e-6  # the unquantised run's own base is the fp32 base
+    for s in schemes[1:]:
+        assert 0 < res["teacher"][s]["rel_l2"] < 0.5 and res["student"][s]["own_vs_deployed"] > 0
+    md = (out / "quantize_quality.md").read_text()
+    assert all(f"| {s} |" in md for s in schemes) and res["teacher"]["none"]["fd"] > 0

@@ -38,22 +38,18 @@ def synthesize_latents(
     backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], spec: SynthesizeSpec, height: int, width: int
 ) -> torch.Tensor:
     """Teacher latents ``[N, C, h, w]`` (float32) for ``prompts[i]`` with ``seeds[i]``, in batches of ``spec.batch``."""
-    from apexctl.inference import generate_latents
+    from apexctl.inference.generate import prompt_latents
 
-    unique = sorted(set(prompts))
-    enc = backbone.encode_prompts(unique)
-    cond = enc[torch.tensor([unique.index(p) for p in prompts])]
-    uncond = backbone.encode_prompts([spec.negative_prompt]) if spec.guidance > 1.0 else None
-    return generate_latents(
+    return prompt_latents(
         backbone,
-        cond,
+        list(prompts),
         [int(s) for s in seeds],
+        negative_prompt=spec.negative_prompt,
         height=height,
         width=width,
         steps=spec.steps,
         method="euler",
         guidance=spec.guidance,
-        uncond=uncond,
         batch=spec.batch,
     )
 

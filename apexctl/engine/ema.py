@@ -1,10 +1,11 @@
 """Exponential moving average of trained parameters: ``θ̄ ← d·θ̄ + (1−d)·θ``.
 
 The shadow weights live beside the model (fp32), or on ``device`` (``hardware.ema_on_cpu``: the CPU; each update
-copies the live weights there, and a reference forward copies the shadows back). ``forward_with_shadow()`` runs a
-forward pass with them through ``torch.func.functional_call`` (the ``ema`` reference of the ``apex`` objective:
-nothing is modified in place, so the autograd graph of the live weights stays valid); ``swapped()`` copies them into
-the model (exports). No second copy of the network is ever built.
+copies the live weights there, and a reference forward copies the shadows back). ``shadow_dict()`` gives them by
+parameter name for a forward pass through ``torch.func.functional_call`` (the ``ema`` reference of the ``apex``
+objective, ``training/closures.py``'s ``ShadowForward``: nothing is modified in place, so the autograd graph of the
+live weights stays valid); ``swapped()`` copies them into the model (exports). No second copy of the network is
+ever built.
 """
 
 from __future__ import annotations

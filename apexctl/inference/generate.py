@@ -86,19 +86,33 @@ def generate_latents(
 
 
 @torch.no_grad()
-def generate_images(
+def prompt_latents(
     backbone: Backbone, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", **kw
 ) -> torch.Tensor:
-    """Images ``[N, 3, H, W]`` in [−1, 1] (float32, CPU) for ``prompts[i]`` with ``seeds[i]``; ``kw`` as
-    :func:`generate_latents` (e.g. ``**SampleSettings.sampler_kwargs()``)."""
+    """Latents (float32, CPU) for ``prompts[i]`` with ``seeds[i]`` (each prompt encoded once; the negative prompt
+    when ``guidance`` > 1); ``kw`` as :func:`generate_latents`."""
     unique = sorted(set(prompts))
     enc = backbone.encode_prompts(unique)
     cond = enc[torch.tensor([unique.index(p) for p in prompts])]
     uncond = backbone.encode_prompts([negative_prompt]) if kw.get("guidance", 1.0) > 1.0 else None
-    lat = generate_latents(backbone, cond, seeds, uncond=uncond, **kw)
-    batch, dtype = kw.get("batch", 64), _dtype(backbone)
+    return generate_latents(backbone, cond, seeds, uncond=uncond, **kw)
+
+
+@torch.no_grad()
+def decode_latents(backbone: Backbone, lat: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [−1, 1] (float32, CPU) of ``lat``, decoded ``batch`` at a time."""
+    dtype = _dtype(backbone)
     images = [
         backbone.decode_latents(lat[i : i + batch].to(backbone.device, dtype)).float().cpu()
         for i in range(0, lat.shape[0], batch)
     ]
     return torch.cat(images)
+
+
+def generate_images(
+    backbone: Backbone, prompts: list[str], seeds: list[int], *, negative_prompt: str = "", **kw
+) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [−1, 1] (float32, CPU) for ``prompts[i]`` with ``seeds[i]``; ``kw`` as
+    :func:`generate_latents` (e.g. ``**SampleSettings.sampler_kwargs()``)."""
+    lat = prompt_latents(backbone, prompts, seeds, negative_prompt=negative_prompt, **kw)
+    return decode_latents(backbone, lat, kw.get("batch", 64))
