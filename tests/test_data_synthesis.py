@@ -57,3 +57,24 @@ def test_synthesised_images_match_sample_for_recorded_seeds(tmp_path):
         png = np.asarray(Image.open(tmp_path / "export" / row["file_name"]).convert("RGB"))
         assert np.array_equal(png, cached[j])
     assert not list(tmp_path.glob(".export*"))  # written through a temporary sibling, renamed at the end
+
+
+@pytest.mark.parametrize("source", ["digits", "prompts"])
+def test_prepare_puts_the_denoiser_on_the_device_only_when_it_draws(tmp_path, source):
+    """Encoding images needs the text encoder and the codec alone: the denoiser stays in host memory (a 20B
+    transformer never has to fit a GPU that only encodes); teacher synthesis takes the whole model to the device
+    (meta stands for it here: where each module's tensors went)."""
+    from apexctl.data.synthesize import load_teacher
+    from apexctl.models import resolve_model_path
+    from apexctl.recipe import load_recipe
+
+    (tmp_path / "p.txt").write_text("a red fox\n")
+    data = {"source": source} | (
+        {"path": str(tmp_path / "p.txt"), "synthesize": {"steps": 2}} if source == "prompts" else {}
+    )
+    r = load_recipe(recipe(tmp_path, "place", data=data))
+    bb = load_teacher(r, resolve_model_path(r.model.path), "meta")
+    encoders = [p for m in bb.frozen_components() for p in m.parameters()]
+    assert encoders and all(p.is_meta for p in encoders)
+    drawn = {p.device.type for p in bb.transformer.parameters()}
+    assert drawn == ({"meta"} if source == "prompts" else {"cpu"})

@@ -370,7 +370,7 @@ def test_other_families_load_by_detection_and_distill(tmp_path, monkeypatch, spe
     bb = load_backbone(resolve_model_path(spec))
     assert bb.family == family
     bb.train()  # the denoiser trains; frozen encoders and the codec keep eval mode (no dropout)
-    assert bb.transformer.training and bb._frozen() and not any(m.training for m in bb._frozen())
+    assert bb.transformer.training and bb.frozen_components() and not any(m.training for m in bb.frozen_components())
     r = _recipe(
         tmp_path,
         family,

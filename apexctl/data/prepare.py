@@ -126,7 +126,7 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
         raise BadInput("data.buckets is not supported with data.source = 'prompts' (the teacher draws at resolution)")
     source = open_source(d)  # a missing source or column fails here, before any model is loaded
     model_dir = resolve_model_path(recipe.model.path)
-    backbone = load_teacher(recipe, model_dir, ranks.device).to(ranks.device)
+    backbone = load_teacher(recipe, model_dir, ranks.device)  # encoders + codec there; the denoiser if it draws
     t0 = time.perf_counter()  # throughput counts listing checks + encoding, not imports and model loading
     identity = cache_identity(recipe, model_dir, backbone.family)
     root = Path(d.cache_dir)
@@ -325,7 +325,7 @@ def _image_shards(
                     else:
                         by_bucket.setdefault(r.bucket, []).append(r)
                 for b, rs in by_bucket.items():
-                    images = torch.stack([r.image for r in rs]).to(backbone.device)
+                    images = torch.stack([r.image for r in rs]).to(ranks.device)  # the codec's device
                     lat = backbone.encode_images(images).float().cpu().to(dtype)
                     rows.setdefault(b, []).extend((r.pos, lat[j]) for j, r in enumerate(rs))
                 bar.advance(task, len(decoded))

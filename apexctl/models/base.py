@@ -186,17 +186,17 @@ class Backbone(ABC, nn.Module):
                 raise ValueError("codec_config is required when no codec is given")
             codec_config = codec.config() if isinstance(codec, PixelCodec) else dict(codec.config)
         self.codec_config = dict(codec_config)
-        for frozen in self._frozen():
+        for frozen in self.frozen_components():
             frozen.requires_grad_(False).eval()
 
-    def _frozen(self) -> list[nn.Module]:
+    def frozen_components(self) -> list[nn.Module]:
         """The frozen components (text encoders, codec) that stay in eval mode; the default covers the usual two."""
         return [m for m in (getattr(self, "text_encoder", None), getattr(self, "codec", None)) if m is not None]
 
     def train(self, mode: bool = True) -> Backbone:
         """Train mode for the denoiser only: frozen encoders and the codec stay in eval mode (no dropout)."""
         super().train(mode)
-        for frozen in self._frozen():
+        for frozen in self.frozen_components():
             frozen.eval()
         return self
 

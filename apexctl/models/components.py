@@ -131,7 +131,7 @@ class PipelineBackbone(Backbone):
     def parts(cls, *roles: str) -> list[Part]:
         return [p for p in cls.components if p.role in roles]
 
-    def _frozen(self) -> list[nn.Module]:
+    def frozen_components(self) -> list[nn.Module]:
         return [m for p in self.parts("text_encoder", "vae") if (m := getattr(self, p.attr)) is not None]
 
     # -- loading / saving ---------------------------------------------------------------------------------------
