@@ -288,6 +288,55 @@ def test_resume_rebuilds_the_base_and_is_bit_exact(home, runs, scheme):
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sample_and_eval_draw_with_the_base_quantized_as_in_training(home, runs, scheme, monkeypatch):
+    """``--quantize`` (sample, eval): the run's LoRA on its base quantised again from the model folder gives what
+    the quantised run itself computes (the same bytes: quantisation is deterministic); the image folders record
+    it (a sample rerun without it redraws, geneval refuses to mix bases), and an unknown scheme or a missing
+    library is one line, exit 2, before anything loads."""
+    from apexctl.engine.sampler import one_step
+    from apexctl.eval.sample_sets import set_folder, student_spec
+    from apexctl.inference import load_sampling_model
+    from apexctl.recipe import load_recipe
+
+    run, sess, _ = runs[scheme]
+    recipe = load_recipe(run / "recipe.yaml")
+    row = _first_prompt(sess.cache)
+    z = torch.randn(1, *sess.cache.latents.shape[1:], generator=torch.Generator().manual_seed(0))
+    cond = sess.cache.cond(torch.tensor([row]))
+    loaded = load_sampling_model(recipe, None, quantize=scheme)
+    assert loaded.backbone.quantization == scheme and loaded.description.endswith(f"({scheme} base)")
+    with torch.no_grad(), sess.ema.swapped():  # the run's export is its EMA
+        drawn, itself = one_step(loaded.backbone, z, cond), one_step(sess.backbone, z, cond)
+    assert float((drawn - itself).norm() / itself.norm()) < 1e-5
+
+    out = home / f"sample-{scheme}"
+    args = ["sample", "a handwritten digit seven", "--recipe", run / "recipe.yaml", "-n", "2", "--out", out, "-q"]
+    ok([*args, "--quantize", scheme])
+    first = json.loads((out / "samples.json").read_text())
+    assert first["model"].endswith(f"({scheme} base)") and first["complete"]
+    quantized_png = (out / "000_a-handwritten-digit-seven_seed0.png").read_bytes()
+    ok(args)  # the unquantised base: another record, every image drawn again
+    assert not json.loads((out / "samples.json").read_text())["model"].endswith("base)")
+    assert (out / "000_a-handwritten-digit-seven_seed0.png").read_bytes() != quantized_png
+
+    images = home / f"geneval-{scheme}"
+    gen = ["eval", "geneval", "--recipe", run / "recipe.yaml", "--prompts", "0:1", "--per-prompt", "1", "--no-score",
+           "--size", "32", "--images", images, "-q"]  # fmt: skip
+    ok([*gen, "--quantize", scheme])
+    assert json.loads((images / "generation.json").read_text())["quantize"] == scheme
+    assert f"quantize='{scheme}'" in fails(gen)
+
+    none, q = student_spec(recipe, 1), student_spec(recipe, 1, scheme)
+    assert set_folder(run, none, ["p"], [0]) != set_folder(run, q, ["p"], [0]) and q.label.endswith(f"{scheme} base")
+    for bad, needle in (("int4", "expected one of none, int8, fp8, nf4"), (scheme, f"pip install {PACKAGES[scheme]}")):
+        if bad == scheme:
+            monkeypatch.setitem(sys.modules, PACKAGES[scheme], None)  # as if not installed
+        for cmd in ([*args, "--quantize", bad], [*gen, "--quantize", bad]):
+            msg = fails(cmd)
+            assert len(msg.strip().splitlines()) == 1 and needle in msg and "--quantize" in msg, msg
+
+
 def test_a_separate_critic_shares_the_quantized_base(home):
     from apexctl.recipe import load_recipe
     from apexctl.training.hardware import make_accelerator

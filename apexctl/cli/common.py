@@ -35,6 +35,22 @@ LaunchOpt = Annotated[
     ),
 ]
 
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        help="none | int8 | fp8 | nf4: draw with the base's transformer blocks quantised (less GPU memory; a "
+        "LoRA goes on top, as in a model.quantize training run; docs/quantization.md)",
+    ),
+]
+
+
+def check_quantize(quantize: str) -> None:
+    """``--quantize``: a known scheme whose library is installed (exit 2 before anything loads or launches)."""
+    from apexctl.models.quantize import require
+
+    require(quantize, "--quantize")
+
 
 def relaunched(launch: int | None) -> bool:
     """Run this command on ``launch`` processes when asked (True: done, the caller returns); exit with the

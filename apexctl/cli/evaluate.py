@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.cli.common import LaunchOpt, QuietOpt, eval_app, handle_errors, relaunched
+from apexctl.cli.common import LaunchOpt, QuantizeOpt, QuietOpt, check_quantize, eval_app, handle_errors, relaunched
 
 RunArg = Annotated[
     Optional[Path], typer.Argument(help="a run folder (output.dir): its student/teacher and where eval/ is written")
@@ -59,6 +59,7 @@ def eval_fid(
     seed: SeedOpt = 0,
     batch: BatchOpt = 16,
     out: Annotated[Optional[Path], typer.Option("--out", help="summary JSON (default RUN/eval/fid.json)")] = None,
+    quantize: QuantizeOpt = "none",
     launch: LaunchOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -79,7 +80,9 @@ def eval_fid(
         batch=batch,
         out=out,
         quiet=quiet,
+        quantize=quantize,
     )
+    check_quantize(quantize)
     if launch is not None and launch > 1:
         run_eval_fid(run, **kwargs, check_only=True)  # bad input: exit 2 here, before any process starts
     if not relaunched(launch):
@@ -109,6 +112,7 @@ def eval_clip_score(
     out: Annotated[
         Optional[Path], typer.Option("--out", help="summary JSON (default RUN/eval/clip_score.json)")
     ] = None,
+    quantize: QuantizeOpt = "none",
     launch: LaunchOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -129,7 +133,9 @@ def eval_clip_score(
         batch=batch,
         out=out,
         quiet=quiet,
+        quantize=quantize,
     )
+    check_quantize(quantize)
     if launch is not None and launch > 1:
         run_eval_clip_score(run, **kwargs, check_only=True)  # bad input: exit 2 here, before any process starts
     if not relaunched(launch):

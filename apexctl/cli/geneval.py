@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.cli.common import LaunchOpt, QuietOpt, SetOpt, _recipe, eval_app, handle_errors, relaunched
+from apexctl.cli.common import (
+    LaunchOpt,
+    QuantizeOpt,
+    QuietOpt,
+    SetOpt,
+    _recipe,
+    check_quantize,
+    eval_app,
+    handle_errors,
+    relaunched,
+)
 from apexctl.errors import BadInput
 
 
@@ -56,6 +66,7 @@ def eval_geneval(
     ] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="results folder (default: the image folder)")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cuda | cpu (default: cuda if present)")] = None,
+    quantize: QuantizeOpt = "none",
     set_: SetOpt = None,
     launch: LaunchOpt = None,
     quiet: QuietOpt = False,
@@ -72,6 +83,7 @@ def eval_geneval(
     from apexctl.inference.settings import check_method
 
     check_method(method, guidance)  # before anything loads
+    check_quantize(quantize)
     selection = parse_prompt_selection(prompts)
     opts = Options.parse(option)
     if score:  # before generation: a missing weight folder should not surface hours later
@@ -111,7 +123,7 @@ def eval_geneval(
 
         def load_backbone():
             if not loaded:
-                loaded.append(load_sampling_model(r, model, lora).backbone)
+                loaded.append(load_sampling_model(r, model, lora, quantize=quantize, device=ranks.device).backbone)
             return loaded[0]
 
         info = ModelInfo(distilled=samples_trained(r, model, lora) and is_distilled(r))
@@ -122,6 +134,7 @@ def eval_geneval(
         )
         settings = {"source": source, "steps": s.steps, "method": s.method, "guidance": s.guidance, "seed": s.seed}
         settings.update({"height": s.height, "width": s.width, "negative_prompt": s.negative_prompt})
+        settings["quantize"] = quantize
         stats = generate_geneval(
             images,
             selection,

@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from apexctl.cli.common import LaunchOpt, QuietOpt, SetOpt, _recipe, app, handle_errors, relaunched
+from apexctl.cli.common import (
+    LaunchOpt,
+    QuantizeOpt,
+    QuietOpt,
+    SetOpt,
+    _recipe,
+    app,
+    check_quantize,
+    handle_errors,
+    relaunched,
+)
 from apexctl.errors import BadInput, read_text
 
 
@@ -56,6 +66,7 @@ def sample(
     batch: Annotated[
         Optional[int], typer.Option("--batch", min=1, help="images per forward pass (default: recipe sample.batch)")
     ] = None,
+    quantize: QuantizeOpt = "none",
     set_: SetOpt = None,
     launch: LaunchOpt = None,
     quiet: QuietOpt = False,
@@ -74,6 +85,7 @@ def sample(
     from apexctl.inference.settings import check_method
 
     check_method(method, guidance)  # before anything loads
+    check_quantize(quantize)
     if relaunched(launch):
         return
     r, model = locate(_recipe(recipe, set_) if recipe is not None else None, model, set_)
@@ -84,6 +96,7 @@ def sample(
         num_images=num_images,
         out=out,
         quiet=quiet,
+        quantize=quantize,
         size=size,
         steps=steps,
         method=method,

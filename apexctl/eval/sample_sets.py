@@ -50,50 +50,68 @@ class SetSpec:
     height: int
     width: int
     grid_power: float = 1.0
+    quantize: str = "none"  # --quantize: the base's transformer blocks quantised (inference/models.quantized)
 
     @property
     def label(self) -> str:
         cfg = f", CFG {self.guidance:g}" if self.guidance > 1.0 else ""
-        return f"{self.role} {self.steps} step{'s' if self.steps > 1 else ''}{cfg}"
+        base = f", {self.quantize} base" if self.quantize != "none" else ""
+        return f"{self.role} {self.steps} step{'s' if self.steps > 1 else ''}{cfg}{base}"
 
     def sampler_kwargs(self) -> dict:
         keys = ("steps", "method", "guidance", "negative_prompt", "renoise", "height", "width", "grid_power")
         return {k: getattr(self, k) for k in keys}
 
 
-def _spec(role: str, model: str, s) -> SetSpec:
+def _spec(role: str, model: str, s, quantize: str) -> SetSpec:
     return SetSpec(
-        role, model, s.steps, s.method, s.guidance, s.negative_prompt, s.renoise, s.height, s.width, s.grid_power
+        role,
+        model,
+        s.steps,
+        s.method,
+        s.guidance,
+        s.negative_prompt,
+        s.renoise,
+        s.height,
+        s.width,
+        s.grid_power,
+        quantize,
     )
 
 
-def student_spec(recipe: Recipe, steps: int) -> SetSpec:
+def student_spec(recipe: Recipe, steps: int, quantize: str = "none") -> SetSpec:
     from apexctl.inference import ModelInfo, is_distilled, resolve_model, resolve_sample_settings
 
     model = resolve_model(recipe, None)
     if recipe.model.lora is not None:
         model += f" + LoRA {Path(recipe.output.dir) / 'lora'}"
     info = ModelInfo(distilled=is_distilled(recipe))
-    return _spec("student", model, resolve_sample_settings(recipe, info, steps=steps))
+    return _spec("student", model, resolve_sample_settings(recipe, info, steps=steps), quantize)
 
 
-def teacher_spec(recipe: Recipe, steps: int | None, guidance: float | None) -> SetSpec:
+def teacher_spec(recipe: Recipe, steps: int | None, guidance: float | None, quantize: str = "none") -> SetSpec:
     from apexctl.inference import teacher_settings
     from apexctl.models import resolve_model_path
 
     path = resolve_model_path(recipe.model.path)
-    return _spec("teacher", str(path), teacher_settings(recipe, steps=steps, guidance=guidance))
+    return _spec("teacher", str(path), teacher_settings(recipe, steps=steps, guidance=guidance), quantize)
 
 
-def _load(recipe: Recipe, spec: SetSpec):
+def _load(recipe: Recipe, spec: SetSpec, device):
     from apexctl.inference import load_trained
+    from apexctl.inference.models import quantized
     from apexctl.models import load_for_recipe
 
-    return load_trained(recipe) if spec.role == "student" else load_for_recipe(recipe.model, spec.model)
+    if spec.role == "student":
+        return load_trained(recipe, quantize=spec.quantize, device=device)
+    return quantized(load_for_recipe(recipe.model, spec.model), spec.quantize, device)
 
 
 def set_folder(run: Path, spec: SetSpec, prompts: list[str], seeds: list[int]) -> Path:
-    key = json.dumps({"spec": asdict(spec), "prompts": prompts, "seeds": seeds}, sort_keys=True)
+    fields = asdict(spec)
+    if spec.quantize == "none":
+        del fields["quantize"]  # the folders drawn before --quantize keep their names
+    key = json.dumps({"spec": fields, "prompts": prompts, "seeds": seeds}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return Path(run) / "eval" / "samples" / f"{spec.role}-{spec.steps}step-{digest}"
 
@@ -126,7 +144,7 @@ def ensure_set(
 
     draw_jobs(
         jobs,
-        load=lambda: _load(recipe, spec),
+        load=lambda: _load(recipe, spec, ranks.device),
         sampler_kwargs=spec.sampler_kwargs(),
         batch=batch,
         ranks=ranks,

@@ -103,11 +103,27 @@ def resolve_model(recipe: Recipe | None, model: str | None) -> str:
     return str(trained)
 
 
-def load_trained(recipe: Recipe, model: str | None = None):
-    """The recipe's trained model as a Backbone: ``model/``, or the base with ``lora/`` attached."""
+def quantized(backbone, quantize: str, device=None):
+    """``backbone`` with its transformer blocks quantised by ``quantize`` (``--quantize``: none | int8 | fp8 | nf4,
+    docs/quantization.md), each layer quantised on ``device`` (the bf16 blocks never need to fit there together);
+    before any LoRA is attached, which then goes on top of the quantised layers as in a quantised training run."""
+    from apexctl.models.quantize import quantize_backbone
+
+    quantize_backbone(backbone, quantize, key="--quantize", device=device)
+    return backbone
+
+
+def describe_base(description: str, quantize: str) -> str:
+    """A model's description with its base's quantisation (what a folder's record tells apart)."""
+    return description if quantize == "none" else f"{description} ({quantize} base)"
+
+
+def load_trained(recipe: Recipe, model: str | None = None, *, quantize: str = "none", device=None):
+    """The recipe's trained model as a Backbone: ``model/``, or the base with ``lora/`` attached; ``quantize``:
+    its transformer blocks (a LoRA's base) quantised first (:func:`quantized`)."""
     from apexctl.models import load_for_recipe
 
-    backbone = load_for_recipe(recipe.model, resolve_model(recipe, model))
+    backbone = quantized(load_for_recipe(recipe.model, resolve_model(recipe, model)), quantize, device)
     if model is None and recipe.model.lora is not None:
         backbone.load_lora(Path(recipe.output.dir) / "lora")
     return backbone
@@ -122,9 +138,12 @@ def samples_trained(recipe: Recipe | None, model: str | None, lora: Path | None 
     return model is None or Path(model).absolute() == (Path(recipe.output.dir) / "model").absolute()
 
 
-def load_sampling_model(recipe: Recipe | None, model: str | None, lora: Path | None = None) -> Loaded:
+def load_sampling_model(
+    recipe: Recipe | None, model: str | None, lora: Path | None = None, *, quantize: str = "none", device=None
+) -> Loaded:
     """The model to sample: ``--lora`` (a run folder, base from its recipe, or a LoRA folder with the base from
-    ``--model`` or the recipe), else ``load_trained`` for a recipe, else the ``--model`` folder itself."""
+    ``--model`` or the recipe), else ``load_trained`` for a recipe, else the ``--model`` folder itself; ``quantize``:
+    the base's transformer blocks quantised on ``device`` before any LoRA goes on (:func:`quantized`)."""
     from apexctl.models import load_backbone, load_for_recipe
 
     trained = samples_trained(recipe, model, lora)
@@ -136,9 +155,12 @@ def load_sampling_model(recipe: Recipe | None, model: str | None, lora: Path | N
             raise BadInput(f"--lora {lora}: a LoRA folder without its run needs --model BASE")
         folder, base = resolve_lora(Path(lora), base)
         backbone = load_for_recipe(recipe.model, base) if recipe is not None else load_backbone(base)
-        backbone.load_lora(folder)
-        return Loaded(backbone, f"{base} + LoRA {folder}", trained)
+        quantized(backbone, quantize, device).load_lora(folder)
+        return Loaded(backbone, describe_base(f"{base} + LoRA {folder}", quantize), trained)
     path = resolve_model(recipe, model)
-    backbone = load_trained(recipe, model) if recipe is not None else load_backbone(path)
+    if recipe is not None:
+        backbone = load_trained(recipe, model, quantize=quantize, device=device)
+    else:
+        backbone = quantized(load_backbone(path), quantize, device)
     lora_dir = Path(recipe.output.dir) / "lora" if recipe is not None and recipe.model.lora and model is None else None
-    return Loaded(backbone, f"{path} + LoRA {lora_dir}" if lora_dir else path, trained)
+    return Loaded(backbone, describe_base(f"{path} + LoRA {lora_dir}" if lora_dir else path, quantize), trained)

@@ -25,6 +25,7 @@ def run_sample(
     num_images: int,
     out: Path | None = None,
     quiet: bool = False,
+    quantize: str = "none",
     **options,
 ) -> tuple[Path, SampleSettings]:
     """Draw ``num_images`` per prompt (image k of a prompt: seed + k) and save them; ``options`` are the command's
@@ -33,7 +34,8 @@ def run_sample(
 
     In a launched job the images are split across the ranks (inference/draw.py); rank 0 writes the grid and
     ``samples.json``. A rerun with the same model, settings and prompts into the same folder draws only the
-    missing images (``samples.json`` is written first with ``"complete": false``); any other rerun draws all."""
+    missing images (``samples.json`` is written first with ``"complete": false``); any other rerun draws all. ``quantize``: the
+    base's transformer blocks quantised (``--quantize``; recorded in the model's description)."""
     import torch
 
     from apexctl.images import load_image, save_grid
@@ -42,7 +44,7 @@ def run_sample(
 
     ranks = job_ranks()
     path = resolve_model(recipe, model)  # a missing trained model fails before anything loads
-    loaded = load_sampling_model(recipe, model)
+    loaded = load_sampling_model(recipe, model, quantize=quantize, device=ranks.device)
     info = model_info(loaded.backbone, distilled=loaded.trained and is_distilled(recipe))
     s = resolve_sample_settings(recipe, info, what=path, **options)
     all_prompts = [p for p in prompts for _ in range(num_images)]

@@ -35,6 +35,7 @@ def run_eval_clip_score(
     batch: int = 16,
     out: Path | None = None,
     quiet: bool = False,
+    quantize: str = "none",
     check_only: bool = False,
 ) -> dict[str, Any] | None:
     """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets).
@@ -61,9 +62,9 @@ def run_eval_clip_score(
     if ranks is None:
         return None
     if not images:
-        specs = [student_spec(recipe, steps)]
+        specs = [student_spec(recipe, steps, quantize)]
         if teacher:
-            specs.append(teacher_spec(recipe, teacher_steps, teacher_guidance))
+            specs.append(teacher_spec(recipe, teacher_steps, teacher_guidance, quantize))
         for spec in specs:
             folder = ensure_set(
                 recipe, spec, prompts, per_prompt=per_prompt, seed=seed, batch=batch, ranks=ranks, quiet=quiet

@@ -35,6 +35,7 @@ def run_eval_fid(
     batch: int = 16,
     out: Path | None = None,
     quiet: bool = False,
+    quantize: str = "none",
     check_only: bool = False,
 ) -> dict[str, Any] | None:
     """Returns the summary (None on a rank > 0 of a launched job: it only helps draw the image sets).
@@ -59,9 +60,9 @@ def run_eval_fid(
         elif recipe is None or prompts is None:
             raise BadInput(f"{option} not given: pass {option} DIR, or a RUN and --prompts FILE to draw the {role}")
         elif role == "student":
-            plan.append((None, student_spec(recipe, steps)))
+            plan.append((None, student_spec(recipe, steps, quantize)))
         else:
-            plan.append((None, teacher_spec(recipe, teacher_steps, teacher_guidance)))
+            plan.append((None, teacher_spec(recipe, teacher_steps, teacher_guidance, quantize)))
     extractor = load_fid_inception(inception, device="cpu")  # on rank 0's device once the images exist
     if check_only:
         return None

@@ -37,6 +37,7 @@ def _check_settings(root: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file() or not any(root.glob("[0-9]*/samples/*.png")):
         return settings  # nothing generated yet (e.g. a first try failed to load the model): no constraint
     old = json.loads(path.read_text())
+    old.setdefault("quantize", "none")  # folders from before --quantize were drawn on the unquantised base
     diff = [k for k in settings if k in old and old[k] != settings[k]]
     if diff:
         k = diff[0]
