@@ -76,6 +76,12 @@ class SynthesizeSpec(_Strict):
         "none",
         description="draw with the teacher's transformer blocks quantised (as model.quantize; part of the cache)",
     )
+    offload_text_encoder: bool = Field(
+        False,
+        description="once the prompts are encoded, keep the text encoders in host memory while the teacher draws "
+        "(the teacher's prompts are encoded there, the embeddings moved to the GPU): the GPU never holds them and the "
+        "denoiser together; not part of the cache",
+    )
 
 
 class DataSpec(_Strict):

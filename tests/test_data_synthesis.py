@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from data_util import ok, recipe
 from PIL import Image
 
@@ -59,22 +60,48 @@ def test_synthesised_images_match_sample_for_recorded_seeds(tmp_path):
     assert not list(tmp_path.glob(".export*"))  # written through a temporary sibling, renamed at the end
 
 
-@pytest.mark.parametrize("source", ["digits", "prompts"])
-def test_prepare_puts_the_denoiser_on_the_device_only_when_it_draws(tmp_path, source):
-    """Encoding images needs the text encoder and the codec alone: the denoiser stays in host memory (a 20B
-    transformer never has to fit a GPU that only encodes); teacher synthesis takes the whole model to the device
-    (meta stands for it here: where each module's tensors went)."""
-    from apexctl.data.synthesize import load_teacher
+@pytest.mark.parametrize("offload", [False, True])
+def test_prepare_puts_the_denoiser_on_the_device_only_when_it_draws(tmp_path, monkeypatch, offload):
+    """The prompt shards and image encoding need the text encoders and the codec alone: the denoiser stays in host
+    memory until the teacher draws (a 20B transformer never has to fit a GPU that only encodes); then it goes to
+    the device, and with ``offload_text_encoder`` the text encoders go back to host memory first, so the GPU
+    never holds both. Each module's moves are recorded (on this CPU machine a move to "cpu" changes nothing)."""
+    from torch import nn
+
+    from apexctl.data.synthesize import load_teacher, teacher_to_device
     from apexctl.models import resolve_model_path
     from apexctl.recipe import load_recipe
 
     (tmp_path / "p.txt").write_text("a red fox\n")
-    data = {"source": source} | (
-        {"path": str(tmp_path / "p.txt"), "synthesize": {"steps": 2}} if source == "prompts" else {}
+    synth = {"steps": 2, "offload_text_encoder": offload}
+    r = load_recipe(
+        recipe(tmp_path, "place", data={"source": "prompts", "path": str(tmp_path / "p.txt"), "synthesize": synth})
     )
-    r = load_recipe(recipe(tmp_path, "place", data=data))
-    bb = load_teacher(r, resolve_model_path(r.model.path), "meta")
-    encoders = [p for m in bb.frozen_components() for p in m.parameters()]
-    assert encoders and all(p.is_meta for p in encoders)
-    drawn = {p.device.type for p in bb.transformer.parameters()}
-    assert drawn == ({"meta"} if source == "prompts" else {"cpu"})
+    moves: list[tuple[str, str]] = []
+    to = nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        device = args[0] if args else kwargs.get("device")
+        if device is not None and self.__class__.__module__.split(".")[0] in ("transformers", "diffusers"):
+            moves.append((type(self).__name__, str(device)))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", spy)
+    bb = load_teacher(r, resolve_model_path(r.model.path), "cpu")
+    text, codec, denoiser = type(bb.text_encoder).__name__, type(bb.codec).__name__, type(bb.transformer).__name__
+    assert sorted(moves) == sorted([(text, "cpu"), (codec, "cpu")])  # encoders and codec only, to the device
+    moves.clear()
+    teacher_to_device(bb, r.data.synthesize, "cpu")
+    assert moves == ([(text, "cpu")] if offload else []) + [(denoiser, "cpu")]
+
+
+def test_offloading_the_text_encoder_draws_the_same_cache(tmp_path):
+    """``data.synthesize.offload_text_encoder``: the same latents (the prompts encoded by the same weights)."""
+    (tmp_path / "p.txt").write_text("a red fox\na blue bird\n")
+    caches = []
+    for offload in (False, True):
+        synth = {"steps": 2, "guidance": 2.0, "batch": 2, "offload_text_encoder": offload}
+        data = {"source": "prompts", "path": str(tmp_path / "p.txt"), "synthesize": synth, "cache_dtype": "fp32"}
+        ok(["prepare", recipe(tmp_path, f"off{offload}", data=data), "-q"])
+        caches.append(LatentCache.open(tmp_path / f"cache-off{offload}", verify="full").latents[:])
+    assert torch.equal(*caches)

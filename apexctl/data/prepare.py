@@ -126,7 +126,7 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
         raise BadInput("data.buckets is not supported with data.source = 'prompts' (the teacher draws at resolution)")
     source = open_source(d)  # a missing source or column fails here, before any model is loaded
     model_dir = resolve_model_path(recipe.model.path)
-    backbone = load_teacher(recipe, model_dir, ranks.device)  # encoders + codec there; the denoiser if it draws
+    backbone = load_teacher(recipe, model_dir, ranks.device)  # encoders + codec there; the denoiser when it draws
     t0 = time.perf_counter()  # throughput counts listing checks + encoding, not imports and model loading
     identity = cache_identity(recipe, model_dir, backbone.family)
     root = Path(d.cache_dir)
@@ -154,6 +154,10 @@ def prepare(recipe: Recipe, *, quiet: bool = False, limit: int | None = None) ->
     try:
         with progress(quiet or not ranks.main, _speed_column()) as bar:
             prompt_mine = _prompt_shards(state, backbone, prompts, d, dtype, bar, ranks)
+            if d.synthesize is not None:
+                from apexctl.data.synthesize import teacher_to_device
+
+                teacher_to_device(backbone, d.synthesize, ranks.device)
             image_mine, encoded = _image_shards(state, backbone, source, items, prompts, buckets, d, dtype, bar, ranks)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

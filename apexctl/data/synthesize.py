@@ -20,24 +20,34 @@ from apexctl.recipe import Recipe, SynthesizeSpec
 
 
 def load_teacher(recipe: Recipe, model_dir: str | Path, device: torch.device | str) -> Backbone:
-    """The recipe's model as ``prepare`` uses it, on ``device``: for prompt-only data (``data.synthesize``) the
-    whole model, its transformer blocks quantised on ``device`` when ``data.synthesize.quantize`` asks (the library
-    is checked before it loads; the encoders and codec are never quantised); for images, only the text encoders
-    and the codec — the denoiser stays in host memory, so a GPU that only encodes never has to hold it (Qwen-Image's
-    transformer is 40.9 GB in bf16, its text encoder 16.6 GB)."""
+    """The recipe's model as ``prepare`` uses it: loaded in host memory, its text encoders and codec on ``device``
+    (the prompt shards and image encoding need only those, so a GPU that only encodes never holds the denoiser:
+    Qwen-Image's transformer is 40.9 GB in bf16, its text encoder 16.6 GB); :func:`teacher_to_device` brings the
+    denoiser when the teacher draws. ``data.synthesize.quantize``'s library is checked before anything loads."""
     from apexctl.models import load_for_recipe
-    from apexctl.models.quantize import quantize_backbone, require
+    from apexctl.models.quantize import require
 
-    synthesize = recipe.data.synthesize is not None
-    scheme = recipe.data.synthesize.quantize if synthesize else "none"
-    require(scheme, "data.synthesize.quantize")
+    if recipe.data.synthesize is not None:
+        require(recipe.data.synthesize.quantize, "data.synthesize.quantize")
     backbone = load_for_recipe(recipe.model, model_dir)
-    if not synthesize:
+    for module in backbone.frozen_components():
+        module.to(device)
+    return backbone
+
+
+def teacher_to_device(backbone: Backbone, spec: SynthesizeSpec, device: torch.device | str) -> None:
+    """Before the teacher draws (the prompt shards are written): the text encoders back to host memory when
+    ``spec.offload_text_encoder``, then the transformer blocks quantised on ``device`` by ``spec.quantize`` (layer
+    by layer: the bf16 blocks never need to fit there together) and the denoiser moved there."""
+    from apexctl.models.quantize import quantize_backbone
+
+    if spec.offload_text_encoder:
+        codec = getattr(backbone, "codec", None)
         for module in backbone.frozen_components():
-            module.to(device)
-        return backbone
-    quantize_backbone(backbone, scheme, key="data.synthesize.quantize", device=device)
-    return backbone.to(device)
+            if module is not codec:
+                module.to("cpu")
+    quantize_backbone(backbone, spec.quantize, key="data.synthesize.quantize", device=device)
+    backbone.transformer.to(device)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from apexctl.training.hardware import check_world, gather, make_accelerator, sto
 from apexctl.training.lock import RunLock
 from apexctl.training.metrics import MetricsLog, WallClock, require_tracker_package, write_run_info
 from apexctl.training.optim import require_optimizer_package
-from apexctl.training.session import export, run_dir, setup
+from apexctl.training.session import export, require_packages, run_dir, setup
 from apexctl.training.state import Session
 from apexctl.training.step import train_step
 
@@ -29,12 +29,10 @@ from apexctl.training.step import train_step
 def train(recipe: Recipe, *, resume: str | None = None, until: int | None = None, quiet: bool = False) -> Path:
     """Train per ``recipe``; returns the run folder. ``resume``: None | "auto" | a checkpoint folder.
     ``until``: stop after this step (checkpointed), to be resumed later."""
-    from apexctl.models.quantize import require as require_quantize_package
-
     clock = WallClock(time.perf_counter())
     require_optimizer_package(recipe)
     require_tracker_package(recipe)
-    require_quantize_package(recipe.model.quantize)  # before the lock: a missing library leaves no run folder
+    require_packages(recipe)  # before the lock: a missing library leaves no run folder
     acc = make_accelerator(recipe)
     check_world(recipe, acc.num_processes)  # before the lock and any loading: a wrong launch is bad input
     lock = _lock(acc, run_dir(recipe))

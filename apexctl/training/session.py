@@ -23,13 +23,7 @@ from apexctl.export import write_export
 from apexctl.lora import adapters_disabled, check_lora_formats, make_trainable
 from apexctl.recipe import Recipe
 from apexctl.training.checkpoint import keep_base_out
-from apexctl.training.closures import (
-    CriticState,
-    make_critic,
-    make_critic_forward,
-    make_gan_features,
-    make_reference,
-)
+from apexctl.training.closures import CriticState, make_critic, make_critic_forward, make_gan_features, make_reference
 from apexctl.training.grids import sample_rows
 from apexctl.training.hardware import broadcast_from_rank0, check_world
 from apexctl.training.objectives import build_objective
@@ -57,13 +51,20 @@ def _make_shift(recipe: Recipe, backbone, acc) -> ConditionShift:
     return shift
 
 
+def require_packages(recipe: Recipe) -> None:
+    """Exit 2 naming the package to install when the quantised base's library is missing (before any run folder)."""
+    from apexctl.models.quantize import require
+
+    require(recipe.model.quantize)
+
+
 def setup(recipe: Recipe, acc) -> Session:
     """Model (+ LoRA), shift, optimizer, schedule, EMA, objective and data, in a fixed RNG order."""
     from accelerate.utils import set_seed
 
     from apexctl.data.prepare import cache_identity
     from apexctl.models import load_for_recipe, resolve_model_path
-    from apexctl.models.quantize import quantize_backbone, require
+    from apexctl.models.quantize import quantize_backbone
 
     hw, tr, m = recipe.hardware, recipe.train, recipe.method
     global_batch = check_world(recipe, acc.num_processes)
@@ -71,7 +72,7 @@ def setup(recipe: Recipe, acc) -> Session:
     # same on every rank (loaded, or LoRA-initialised on each rank and broadcast from rank 0 by DDP)
     set_seed(tr.seed, device_specific=True)
 
-    require(recipe.model.quantize)  # a missing library is exit 2 before anything loads
+    require_packages(recipe)  # also when setup is called alone (tests, notebooks): exit 2 before anything loads
     model_dir = resolve_model_path(recipe.model.path)
     # the codec is needed only for sample grids, and only on rank 0 (training reads latents from the cache)
     want_codec = tr.sample_every is not None and acc.is_main_process
