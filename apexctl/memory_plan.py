@@ -224,7 +224,8 @@ def measured_activations(r: Recipe, name: str | None, config: dict, image_tokens
 
     N = image tokens + the entry's text tokens (image tokens alone where the text is read by cross-attention);
     rows = micro_batch (× the active groups with ``full_batch``). Each part as the entry measured it: the whole
-    step of the objective, every forward and backward pass included."""
+    step of the objective, every forward and backward pass included. With ``model.quantize``: the scheme's own fit
+    (the entry's ``quantized``) where ``bench/memory.py --quantize`` measured it, else the bf16 base's."""
     entry = activation_table().get(name or "")
     m, h = r.method, r.hardware
     trained = "lora" if r.model.lora is not None else "full"
@@ -232,9 +233,15 @@ def measured_activations(r: Recipe, name: str | None, config: dict, image_tokens
         return None
     if getattr(m, "gan_weight", 0.0) > 0:
         return None
-    fit = entry.get("objectives", {}).get(m.objective, {}).get("checkpointing" if h.gradient_checkpointing else "none")
+    slot = "checkpointing" if h.gradient_checkpointing else "none"
+    fit = entry.get("objectives", {}).get(m.objective, {}).get(slot)
     if fit is None:
         return None
+    q = r.model.quantize
+    # a quantised base's own fit where it was measured (int8 / fp8: one layer's dequantisation at the peak)
+    fit_q = entry.get("quantized", {}).get(q, {}).get(m.objective, {}).get(slot) if q != "none" else None
+    base = f"{q} base" if fit_q is not None else (f"bf16 base's fit, {q} not measured" if q != "none" else "")
+    fit = fit_q or fit
     rows, rows_text = _rows(r)
     n = sequence_tokens(config, image_tokens)
     if entry.get("tokens", "image + text") == "image + text":
@@ -246,7 +253,8 @@ def measured_activations(r: Recipe, name: str | None, config: dict, image_tokens
     text = (
         f"measured: {blocks} blocks × ({pb['fixed_bytes'] / 2**20:,.0f} MiB + {rows_text} row(s) × {n} tokens × "
         f"{pb['bytes_per_row_token']:,.0f} B) + rest {others / _GIB:.2f}; {name} {trained} {m.objective}, {ck}, "
-        "activations.json"
+        + (f"{base}, " if base else "")
+        + "activations.json"
     )
     return max(acts, 0.0), text
 

@@ -677,6 +677,17 @@ def fit(rows: list[dict], quantize: str = "none") -> dict[str, dict]:
     return table
 
 
+def with_quantized(table: dict, rows: list[dict]) -> dict:
+    """``table`` (the bf16 base's fit) with each measured quantised base's own fit under its entry's
+    ``quantized[scheme]`` (the same ``{objective: {checkpointing: line}}`` shape), for ``--dry-run`` with
+    ``model.quantize``."""
+    for scheme in sorted({r.get("quantize", "none") for r in rows} - {"none"}):
+        for name, e in fit(rows, scheme).items():
+            if name in table:
+                table[name].setdefault("quantized", {})[scheme] = e["objectives"]
+    return table
+
+
 def _check(model: dict, rows: int, n: int, measured: float, point: tuple[int, int]) -> dict:
     predicted = predict(model, rows, n)
     return {"resolution": point[0], "text_tokens": point[1], "tokens": n, "rows": rows, "measured": measured,
@@ -901,7 +912,7 @@ def main(argv: list[str] | None = None) -> None:
 
     write_text(args.out / "memory.md", markdown(rows, table, meta))
     if args.table:
-        write_text(args.table, json.dumps(shipped_table(table, meta), indent=1) + "\n")
+        write_text(args.table, json.dumps(shipped_table(with_quantized(table, rows), meta), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -284,12 +284,28 @@ def test_full_batch_multiplies_the_rows_by_the_active_groups():
 
 
 def test_shipped_table_is_what_the_bench_fits_from_its_results():
-    """activations.json holds bench/memory.py's fit of bench/results/memory.jsonl (same numbers)."""
+    """activations.json holds bench/memory.py's fit of bench/results/memory.jsonl (same numbers), the quantised
+    bases' own fits included."""
     m = _bench("memory")
-    rows = m.read_rows(ROOT / "bench" / "results" / "memory.jsonl")
-    fitted = json.loads(json.dumps(m.fit([r for r in rows if r["device"] == "cpu"])))
+    rows = [r for r in m.read_rows(ROOT / "bench" / "results" / "memory.jsonl") if r["device"] == "cpu"]
+    fitted = json.loads(json.dumps(m.with_quantized(m.fit(rows), rows)))
     shipped = {k: v for k, v in activation_table().items() if not k.startswith("_")}
     assert fitted == shipped
+    assert set(shipped["qwen_image"]["quantized"]) == {"int8", "fp8", "nf4"}
+
+
+def test_dry_run_takes_a_quantized_bases_activations_from_its_own_measured_steps():
+    """qwen_lora.yaml at 512²: int8 / fp8 fitted from their own steps (one layer's dequantised weight at the peak:
+    more than bf16's, by less than 5 %), nf4 as bf16; a family measured without a quantised base says so."""
+    acts = {}
+    for q in ("none", "int8", "fp8", "nf4"):
+        line = memory_lines(load_recipe(ROOT / "recipes" / "qwen_lora.yaml", [f"model.quantize={q}"]))[1]
+        acts[q] = float(re.search(r"activations ≈ (?P<a>[\d.]+)", line)["a"])
+        assert (f"{q} base, activations.json" in line) == (q != "none")
+    assert acts["none"] < acts["int8"] == acts["fp8"] < acts["none"] * 1.05
+    assert acts["nf4"] == pytest.approx(acts["none"], abs=0.01)
+    line = memory_lines(load_recipe(ROOT / "recipes" / "flux_dev_lora.yaml", ["model.quantize=int8"]))[1]
+    assert "bf16 base's fit, int8 not measured" in line
 
 
 def test_flops_of_the_whole_model_are_blocks_times_per_block_plus_rest():
