@@ -108,7 +108,13 @@ def test_checkpoint_written_before_the_split_resumes(home):
     recipe = load_recipe(_recipe(home, "prep"))
     manifest = json.loads((home / "cache" / "manifest.json").read_text())
     want = cache_identity(recipe, resolve_model_path(recipe.model.path), manifest["family"])
-    assert want == EXPECTED["cache_identity"]  # same model, same data settings as when the fixture was written
+    # same data settings as when the fixture was written. The model fingerprint is left out: it hashes the tiny
+    # model's files, which this test builds with the installed libraries, and their config.json carries the
+    # `transformers_version` / `_diffusers_version` that wrote it (a new release changes it, the weights do not).
+    # The same model is what steps 3-4 reproducing the recorded losses checks.
+    assert {k: v for k, v in want.items() if k != "model_fingerprint"} == {
+        k: v for k, v in EXPECTED["cache_identity"].items() if k != "model_fingerprint"
+    }
     assert {k: manifest[k] for k in want} == want
 
     run = _old_run(home, "old")
