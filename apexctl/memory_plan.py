@@ -237,11 +237,11 @@ def measured_activations(r: Recipe, name: str | None, config: dict, image_tokens
     fit = entry.get("objectives", {}).get(m.objective, {}).get(slot)
     if fit is None:
         return None
-    q = r.model.quantize
-    # a quantised base's own fit where it was measured (int8 / fp8: one layer's dequantisation at the peak)
-    fit_q = entry.get("quantized", {}).get(q, {}).get(m.objective, {}).get(slot) if q != "none" else None
-    base = f"{q} base" if fit_q is not None else (f"bf16 base's fit, {q} not measured" if q != "none" else "")
-    fit = fit_q or fit
+    q, base = r.model.quantize, ""
+    if q != "none":  # a quantised base's own fit where it was measured (int8 / fp8: one layer dequantised at the peak)
+        fit_q = entry.get("quantized", {}).get(q, {}).get(m.objective, {}).get(slot)
+        base = f"{q} base, " if fit_q is not None else f"bf16 base's fit, {q} not measured, "
+        fit = fit_q or fit
     rows, rows_text = _rows(r)
     n = sequence_tokens(config, image_tokens)
     if entry.get("tokens", "image + text") == "image + text":
@@ -253,8 +253,7 @@ def measured_activations(r: Recipe, name: str | None, config: dict, image_tokens
     text = (
         f"measured: {blocks} blocks × ({pb['fixed_bytes'] / 2**20:,.0f} MiB + {rows_text} row(s) × {n} tokens × "
         f"{pb['bytes_per_row_token']:,.0f} B) + rest {others / _GIB:.2f}; {name} {trained} {m.objective}, {ck}, "
-        + (f"{base}, " if base else "")
-        + "activations.json"
+        f"{base}activations.json"
     )
     return max(acts, 0.0), text
 

@@ -755,7 +755,7 @@ def markdown(rows: list[dict], table: dict, meta: dict) -> str:
 def quantized_section(rows: list[dict], table: dict) -> list[str]:
     """memory.md's comparison of quantised bases (``--quantize``) with the bf16 base: per block, the frozen weights'
     stored bytes and the activations (live bytes when backward starts), each step's peak, and each scheme's fitted
-    activations at the recipe's micro-batch and resolution."""
+    activations at the recipe's micro-batch and resolution (``table``: :func:`with_quantized`'s)."""
     base = {_row_key(r)[:-1]: r for r in rows if r.get("quantize", "none") == "none"}
     quantized = [r for r in rows if r.get("quantize", "none") != "none" and _row_key(r)[:-1] in base]
     if not quantized:
@@ -788,10 +788,10 @@ def quantized_section(rows: list[dict], table: dict) -> list[str]:
               "quantised steps):", "", "| model | base | objective | ckpt | at recipe GiB | bf16 base GiB | vs bf16 |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for scheme in sorted({r["quantize"] for r in quantized}):
-        for name, e in fit(rows, scheme).items():
+        for name, e in table.items():
             r = _home(ARCHS[name])
             n = tokens(ARCHS[name], r.data.resolution, e["text_tokens"])
-            for objective, slots in e["objectives"].items():
+            for objective, slots in e.get("quantized", {}).get(scheme, {}).items():
                 for ck, m in slots.items():
                     ref = table.get(name, {}).get("objectives", {}).get(objective, {}).get(ck)
                     if ref is None:
@@ -906,13 +906,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{i}/{len(todo)}] {c.label()}: peak {_mib(row['peak'])} MiB, "
               f"{sum(row['seconds'].values()):.1f} s", flush=True)  # fmt: skip
     rows = [r for r in read_rows(jsonl) if r["device"] == device.type]
-    table = fit(rows)
+    table = with_quantized(fit(rows), rows)
     meta = {**_meta(time.perf_counter() - t0, device), "steps_s": sum(sum(r["seconds"].values()) for r in rows)}
     from apexctl.atomic import write_text
 
     write_text(args.out / "memory.md", markdown(rows, table, meta))
     if args.table:
-        write_text(args.table, json.dumps(shipped_table(with_quantized(table, rows), meta), indent=1) + "\n")
+        write_text(args.table, json.dumps(shipped_table(table, meta), indent=1) + "\n")
 
 
 if __name__ == "__main__":
